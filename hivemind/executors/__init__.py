@@ -1,0 +1,1 @@
+"""Task drivers. Everything outside this package talks to them through `base.Executor` only."""

@@ -1,0 +1,1 @@
+"""Task lifecycle: archives in, state machine, durable state, results out."""
