@@ -212,10 +212,9 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any], problem
             problems.append(f"{key}: got {value!r}; expected a number")
             return value
         value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{key}: got {value!r}; expected a string")
-            return value
+    elif tp is str and not isinstance(value, str):
+        problems.append(f"{key}: got {value!r}; expected a string")
+        return value
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if (lo is not None and value < lo) or (hi is not None and value > hi):

@@ -1,0 +1,405 @@
+"""The composition root: builds every part of the daemon from the config, wires them, runs the
+main loop, and shuts down. No other module reaches into globals; everything is passed in here.
+
+Order matters for systemd: READY=1 is sent only after signal handlers are installed and the gRPC
+and HTTP listeners exist. SIGTERM/SIGINT stop (draining or leaving tasks, by config), SIGHUP
+reloads the config (validated first; an invalid one is refused and the old one keeps running).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from hivemind import __version__
+from hivemind.config import Config, load_config
+from hivemind.errors import ConfigError, ExecutorUnavailable, HivemindError
+from hivemind.executors.base import Executor, ExecutorStatus, OutputLine
+from hivemind.executors.select import select_executor
+from hivemind.logging_setup import log_task_output, register_secret, setup_logging
+from hivemind.notify import Heartbeat, Notifier, Watchdog
+from hivemind.pool.client import NodeInfo, NodeStatus, PoolClient
+from hivemind.pool.session import PoolSession, TaskUsageReport
+from hivemind.secrets import Secret, read_secret
+from hivemind.server.grpc_server import RunningServer, start_worker_server
+from hivemind.status.prom import WorkerMetrics
+from hivemind.tasks.state import Lifecycle
+from hivemind.tasks.store import TaskStore
+from hivemind.worker import GIB, Capacity, Worker
+from hivemind.worker_view import ViewState, WarningLog, WorkerView
+
+LOOP_TICK_S = 0.5
+EXIT_NO_EXECUTOR = 3
+
+
+@dataclass
+class Signals:
+    stop: threading.Event = field(default_factory=threading.Event)
+    reload: threading.Event = field(default_factory=threading.Event)
+    hang: threading.Event = field(default_factory=threading.Event)   # debug: see _install_signals
+
+
+def advertised_host(cfg: Config) -> str:
+    """The address the pool dials back: configured, else the primary interface's address.
+    Never 127.0.0.1 (the pool skips it)."""
+    if cfg.server.advertise_host:
+        return cfg.server.advertise_host
+    if cfg.server.listen_host not in ("0.0.0.0", "::", "", "127.0.0.1"):
+        return cfg.server.listen_host
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the routing table
+            addr = str(s.getsockname()[0])
+            if addr != "127.0.0.1":
+                return addr
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, config_path: str | None, logger: logging.Logger,
+                 environ: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.log = logger
+        self.environ = dict(os.environ if environ is None else environ)
+        self.signals = Signals()
+        self.notifier = Notifier()
+        self.loop_heartbeat = Heartbeat(max_age=15.0)
+        self.view_state = ViewState()
+        self.warnings = WarningLog()
+        logging.getLogger().addHandler(self.warnings)
+        self.prom = WorkerMetrics(__version__, cfg.node_id)
+        self._parts_started: list[Any] = []
+        self.server: RunningServer | None = None
+        self.status_server: Any = None
+        self.session: PoolSession | None = None
+        self.executor: Executor | None = None
+        self.executor_status: ExecutorStatus | None = None
+        self.metrics: Any = None
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        password = self._password()
+        from hivemind.metrics import open_metrics
+        from hivemind.metrics.cpuscore import cpu_score
+        from hivemind.metrics.gpu import detect_gpus
+
+        self.metrics = open_metrics(cfg.metrics.backend, cfg.metrics.native_library, self.log)
+        self.view_state.metrics_backend = self.metrics.backend
+        snap = self.metrics.snapshot(str(cfg.state_dir))
+        score = cpu_score(cfg.state_dir)
+        per_core = cfg.resources.cpu_score_per_core or float(score.per_core)
+        gpus = detect_gpus() if cfg.resources.gpu == "auto" else []
+        self.gpus = gpus
+        self.executor, self.executor_status = select_executor(cfg, self.log)
+        cores = snap.cpu_count
+        capacity = Capacity(total_cpus=float(cores), total_memory_bytes=int(snap.mem_total),
+                            reserve_cpus=cfg.resources.reserve_cpus,
+                            reserve_memory_bytes=int(cfg.resources.reserve_memory_gb * GIB),
+                            slots=cfg.executor.slots or cores,
+                            gpus=tuple(str(g.index) for g in gpus), cpu_score_per_core=per_core)
+        self.cpu_score_total = int(per_core * cores)
+        self.lifecycle = Lifecycle(capacity.for_tasks())
+        self.store = TaskStore(cfg.state_dir / "worker.db")
+        self.client = PoolClient(cfg.pool, password, cfg.node_id, self.log)
+        self.worker = Worker(cfg, executor=self.executor, lifecycle=self.lifecycle, store=self.store,
+                             capacity=capacity, logger=self.log,
+                             upload_output=self.client.upload_output,
+                             upload_result=self.client.upload_result,
+                             on_output_line=self._journal_output, on_event=self._on_event)
+
+    def _password(self) -> Secret:
+        if not self.cfg.pool.password_file:
+            raise ConfigError(["pool.password_file: no pool password configured; set it to a file or credential name"])
+        pw = read_secret("pool.password_file", self.cfg.pool.password_file, self.environ)
+        register_secret(pw)
+        return pw
+
+    def _journal_output(self, task_id: str, line: OutputLine) -> None:
+        if line.stream in ("stdout", "stderr"):
+            log_task_output(self.task_log, task_id, line.stream, line.text)
+
+    @property
+    def task_log(self) -> logging.Logger:
+        return logging.getLogger("hivemind.task")
+
+    def _on_event(self, name: str, info: dict[str, Any]) -> None:
+        if name == "upload_failed":
+            self.prom.upload_failed()
+        elif name == "task_finished":
+            dur = info.get("duration") or 0.0
+            self.prom.observe_task_duration(max(0.0, float(dur)), str(info["record"].get("reason", "exited")))
+        elif name == "state" and str(info.get("new")) == "running":
+            rec = self.lifecycle.get(info["task_id"])
+            if rec is not None and rec.started_at:
+                self.prom.observe_start_latency(max(0.0, rec.started_at - rec.accepted_at))
+        if name == "state" and self.session is not None:
+            self.session.poke()  # Idle/Busy may have changed: tell the pool now
+
+    # -- node facts for the pool ----------------------------------------------------------------
+    def node_info(self) -> NodeInfo:
+        cap = self.worker.capacity
+        gpu_mem = sum(int(getattr(g, "memory_total_mb", 0)) for g in self.gpus) // 1024
+        from hivemind.metrics.gpu import gpu_score
+
+        return NodeInfo(
+            node_id=self.cfg.node_id, hostname=advertised_host(self.cfg),
+            port=self.cfg.server.advertise_port or (self.server.port if self.server else self.cfg.server.port),
+            cpu_cores=int(cap.total_cpus), memory_gb=int(cap.total_memory_bytes // GIB),
+            cpu_score=self.cpu_score_total, gpu_score=int(sum(gpu_score(g) for g in self.gpus)),
+            gpu_memory_gb=gpu_mem, gpu_name=self.gpus[0].name if self.gpus else "",
+            location=self.cfg.node.location, docker_status=self.docker_status())
+
+    def docker_status(self) -> str:
+        es = self.executor_status
+        if es is None or not es.usable:
+            return "unavailable"
+        if es.name == "podman":
+            return f"podman {self.cfg.executor.podman.mode}"
+        return "venv (no container isolation)"
+
+    def node_status(self) -> NodeStatus:
+        idle = self.worker.is_idle()
+        running = self.worker.running_count()
+        status = "Idle" if idle else ("Draining" if self.worker.draining else "Busy")
+        self.view_state.reported_status = status
+        m = self.view_state.machine
+        return NodeStatus(status=status, cpu_usage=m.cpu_percent,
+                          memory_usage=(100.0 * m.memory_used / self.worker.capacity.total_memory_bytes)
+                          if self.worker.capacity.total_memory_bytes else 0.0,
+                          gpu_usage=0.0, gpu_memory_usage=0.0, docker_status=self.docker_status(),
+                          running_tasks=running)
+
+    def task_usage(self) -> list[TaskUsageReport]:
+        out = []
+        for r in self.worker.runners():
+            u = r.usage.last
+            if u is not None:
+                out.append(TaskUsageReport(r.task_id, cpu=100.0 * u.cpu_cores, memory=u.memory_bytes / (1024 * 1024)))
+        return out
+
+    # -- running --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._install_signals()
+        self.worker.start()
+        self.worker.recover()
+        self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ)
+        self.view_state.grpc_auth_mode = self.server.mode.value
+        self.view_state.pool_tls = self.cfg.pool.tls.enabled
+        self.session = PoolSession(self.client, self.node_info, self.node_status, self.task_usage,
+                                   heartbeat_interval_s=self.cfg.pool.heartbeat_interval_s,
+                                   register_interval_s=self.cfg.pool.register_interval_s,
+                                   logger=self.log, on_heartbeat_failure=self.prom.heartbeat_failed)
+        self.view = WorkerView(self.worker, lambda: self.executor_status,  # type: ignore[arg-type,return-value]
+                               self.session, self.view_state, self.warnings, self.cfg.pool.address)
+        if self.cfg.status.enabled:
+            self._start_status()
+        self.session.start()
+        self.watchdog = Watchdog(self.notifier, self.healthy, logger=self.log)
+        self.notifier.ready(self.status_line())
+        self.watchdog.start()
+        self.log.info("worker %s ready: gRPC on %s:%d (%s), executor %s", self.cfg.node_id,
+                      self.cfg.server.listen_host, self.server.port, self.server.mode.value,
+                      self.executor.name if self.executor else "-", extra={"event": "worker.ready"})
+
+    def _start_status(self) -> None:
+        from hivemind.status.app import create_app
+        from hivemind.status.server import StatusServer, reads_need_token
+
+        token = None
+        if self.cfg.status.token_file:
+            token = read_secret("status.token_file", self.cfg.status.token_file, self.environ)
+            register_secret(token)
+        host = self.cfg.status.listen_host
+        app = create_app(self.view, metrics=self.prom, token=token, reads_need_token=reads_need_token(host),
+                         logger=self.log)
+        self.status_server = StatusServer(app, host, self.cfg.status.port, logger=self.log)
+        self.status_server.start()
+
+    def healthy(self) -> bool:
+        """The watchdog's check: the main loop turned recently and the gRPC server answers."""
+        return (self.loop_heartbeat.fresh() and self.server is not None and self.server.healthy(timeout=2.0)
+                and (self.session is None or self.session.healthy()))
+
+    def status_line(self) -> str:
+        pool = "registered" if (self.session and self.session.state.registered and self.session.state.connected) \
+            else "pool unreachable" if (self.session and self.session.state.last_error) else "connecting"
+        es = self.executor_status
+        parts = [pool, f"{self.worker.running_count()} task(s) running",
+                 f"executor {es.name if es else '-'}"]
+        if self.worker.draining:
+            parts.append("draining")
+        if self.uploader_pending():
+            parts.append(f"{self.uploader_pending()} result(s) waiting for upload")
+        if self.session and self.session.state.last_error:
+            parts.append(f"last error: {self.session.state.last_error[:80]}")
+        return "; ".join(parts)
+
+    def uploader_pending(self) -> int:
+        return self.worker.uploader.pending()
+
+    def loop(self) -> None:
+        last_status = ""
+        while not self.signals.stop.is_set():
+            self.loop_heartbeat.beat()
+            if self.signals.hang.is_set():
+                self.log.error("debug hang requested: the main loop stops turning", extra={"event": "debug.hang"})
+                while not self.signals.stop.is_set():
+                    time.sleep(1)  # deliberately no heartbeat: the watchdog must catch this
+                break
+            if self.signals.reload.is_set():
+                self.signals.reload.clear()
+                self.reload()
+            self._refresh_metrics()
+            line = self.status_line()
+            if line != last_status:
+                self.notifier.status(line)
+                last_status = line
+            self.signals.stop.wait(LOOP_TICK_S)
+
+    def _refresh_metrics(self) -> None:
+        try:
+            snap = self.metrics.snapshot(str(self.cfg.state_dir))
+            self.view_state.machine.cpu_percent = 100.0 * float(snap.cpu_busy)
+            self.view_state.machine.memory_used = int(snap.mem_total - snap.mem_available)
+        except Exception as exc:
+            self.log.debug("metrics snapshot failed: %s", exc)
+        cap = self.worker.capacity
+        reserved = self.lifecycle.reserved()
+        free = self.lifecycle.free()
+        counts: dict[str, int] = {}
+        for rec in self.lifecycle.tasks():
+            counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
+        self.prom.task_state(counts)
+        self.prom.results_pending(self.uploader_pending())
+        self.prom.resources(total_cpus=cap.total_cpus, reserved_cpus=cap.reserve_cpus, allocated_cpus=reserved.cpus,
+                            free_cpus=free.cpus, total_mem=cap.total_memory_bytes,
+                            reserved_mem=cap.reserve_memory_bytes, allocated_mem=reserved.memory_bytes,
+                            free_mem=free.memory_bytes, used_mem=self.view_state.machine.memory_used,
+                            cpu_usage=self.view_state.machine.cpu_percent / 100.0)
+        self.prom.slots(cap.slots, reserved.slots)
+        self.prom.draining(self.worker.draining)
+        st = self.session.state if self.session else None
+        self.prom.pool_registered(bool(st and st.registered and st.connected))
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            if not self.config_path:
+                raise ConfigError(["no config file to reload"])
+            new = load_config(self.config_path, self.environ)
+        except ConfigError as err:
+            self.log.error("reload refused, the running config stays: %s", "; ".join(err.problems),
+                           extra={"event": "config.reload_refused"})
+            self.notifier.ready(self.status_line())
+            return
+        changed = _changed_keys(self.cfg, new)
+        live = {"logging.level", "logging.target"}
+        setup_logging(new.logging.level, new.logging.target, new.node_id)
+        need_restart = sorted(k for k in changed if k not in live)
+        self.log.info("config reloaded from %s; applied: %s%s", self.config_path,
+                      ", ".join(sorted(set(changed) & live)) or "nothing changed",
+                      f"; need a restart: {', '.join(need_restart)}" if need_restart else "",
+                      extra={"event": "config.reloaded"})
+        self.notifier.ready(self.status_line())
+
+    def shutdown(self) -> None:
+        policy = self.cfg.shutdown.policy
+        self.notifier.stopping()
+        self.log.info("shutting down (policy %s)", policy, extra={"event": "worker.stopping"})
+        self.worker.drain()
+        if self.session is not None:
+            self.session.stop()
+            self.session.send_not_idle(self.node_status())
+        if self.server is not None:
+            self.server.stop(grace=2.0)
+        if policy == "drain":
+            if not self.worker.wait_idle(self.cfg.shutdown.drain_timeout_s):
+                self.log.warning("drain timeout: stopping the remaining tasks", extra={"event": "worker.drain_timeout"})
+                self.worker.stop_all("worker shutting down")
+                self.worker.wait_idle(self.cfg.executor.stop_grace_s + 10)
+            # Results still in upload stay on disk and are delivered after the next start.
+            deadline = time.monotonic() + 5
+            while self.uploader_pending() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        self.watchdog.stop()
+        if self.status_server is not None:
+            self.status_server.stop()
+        self.worker.close()
+        close = getattr(self.executor, "close", None)
+        if close is not None and policy == "drain":
+            close()
+        self.client.close()
+        self.store.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.signals.stop.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self.signals.reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        if self.environ.get("HIVEMIND_DEBUG_HANG_SIGNAL") == "1":
+            # Test hook for the watchdog system test only: SIGUSR2 makes the main loop hang.
+            def on_usr2(signum: int, frame: FrameType | None) -> None:
+                self.signals.hang.set()
+
+            signal.signal(signal.SIGUSR2, on_usr2)
+
+
+def _changed_keys(old: Config, new: Config) -> list[str]:
+    from hivemind.config import to_dict
+
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                walk(a[k], b.get(k), f"{prefix}.{k}" if prefix else k)
+        elif a != b:
+            out.append(prefix)
+
+    walk(to_dict(old), to_dict(new), "")
+    return out
+
+
+def run_daemon(cfg: Config, *, config_path: str | None = None) -> int:
+    setup_logging(cfg.logging.level, cfg.logging.target, cfg.node_id)
+    log = logging.getLogger("hivemind")
+    daemon = Daemon(cfg, config_path=config_path, logger=log)
+    try:
+        daemon.build()
+    except ExecutorUnavailable as exc:
+        log.error("%s", exc, extra={"event": "worker.no_executor"})
+        return EXIT_NO_EXECUTOR
+    except ConfigError:
+        raise
+    except HivemindError as exc:
+        log.error("start failed: %s", exc, extra={"event": "worker.start_failed"})
+        return 1
+    try:
+        daemon.start()
+        daemon.loop()
+    finally:
+        daemon.shutdown()
+    return 0
+
+
+__all__ = ["Daemon", "advertised_host", "run_daemon", "Path"]

@@ -1,0 +1,203 @@
+"""Pure translation of a task (TaskSpec + PodmanConfig) into the container it runs in.
+
+No Podman here: `build_container_spec` returns a typed `ContainerSpec`, and `create_kwargs` turns
+it into the keyword arguments podman-py's `containers.create` understands, avoiding the kwargs it
+silently drops (`nano_cpus`, `security_opt=["no-new-privileges"]`, `tmpfs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from hivemind.config import PodmanConfig
+from hivemind.executors.base import TaskSpec
+
+WORKSPACE = "/workspace"
+PYCACHE_MOUNT = "/opt/hivemind/pydeps"
+CPU_PERIOD_US = 100_000
+
+LABEL_MANAGED = "hivemind.managed"
+LABEL_NODE = "hivemind.node_id"
+LABEL_TASK = "hivemind.task_id"
+LABEL_ROLE = "hivemind.role"          # "task" or "prepare"
+
+
+def container_name(node_id: str, task_id: str, role: str = "task") -> str:
+    """Deterministic, so a restarted daemon finds its containers by name as well as by label."""
+    suffix = "" if role == "task" else f"-{role}"
+    return f"hivemind-{node_id}-{task_id}{suffix}"
+
+
+def parse_user(user: str) -> tuple[int, int]:
+    """'uid:gid' (or 'uid') as numbers; tasks never run as root, so 0 is refused."""
+    uid_s, _, gid_s = user.partition(":")
+    uid, gid = int(uid_s), int(gid_s or uid_s)
+    if uid == 0 or gid == 0:
+        raise ValueError(f"podman.user {user!r}: tasks must not run as root")
+    return uid, gid
+
+
+@dataclass(frozen=True)
+class Mount:
+    type: str                          # "bind" | "tmpfs"
+    target: str
+    source: str = ""
+    read_only: bool = False
+    size_bytes: int | None = None      # tmpfs only
+    mode: str | None = None            # tmpfs only, octal string
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    command: tuple[str, ...]
+    user: str
+    workdir: str
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    mounts: tuple[Mount, ...]
+    network_mode: str                  # "none" | "bridge" | "host" | "slirp4netns" | "pasta"
+    read_only: bool
+    cap_drop: tuple[str, ...]
+    no_new_privileges: bool
+    pids_limit: int | None
+    memory_bytes: int | None
+    memswap_bytes: int | None
+    cpu_quota_us: int | None
+    cpu_period_us: int | None
+    nofile: int
+    nproc: int
+    devices: tuple[str, ...] = ()
+    userns_mode: str | None = None     # rootless: keep-id:uid=..,gid=.. so the workspace stays ours
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for podman-py `containers.create` (5.x)."""
+        mounts: list[dict[str, Any]] = []
+        for m in self.mounts:
+            if m.type == "tmpfs":
+                d: dict[str, Any] = {"type": "tmpfs", "target": m.target, "source": "tmpfs"}
+                if m.size_bytes is not None:
+                    d["size"] = str(m.size_bytes)
+                if m.mode is not None:
+                    d["mode"] = m.mode
+            else:
+                d = {"type": "bind", "target": m.target, "source": m.source,
+                     "read_only": m.read_only}
+            mounts.append(d)
+        kw: dict[str, Any] = {
+            "name": self.name,
+            "image": self.image,
+            "command": list(self.command),
+            "user": self.user,
+            "working_dir": self.workdir,
+            "environment": dict(self.env),
+            "labels": dict(self.labels),
+            "mounts": mounts,
+            "network_mode": self.network_mode,
+            "read_only": self.read_only,
+            "cap_drop": list(self.cap_drop),
+            "no_new_privileges": self.no_new_privileges,
+            "ulimits": [{"Name": "nofile", "Soft": self.nofile, "Hard": self.nofile},
+                        {"Name": "nproc", "Soft": self.nproc, "Hard": self.nproc}],
+            # k8s-file, not the default journald: journald may not run here, and logs --follow
+            # must work for recovery after a daemon restart.
+            "log_config": {"Type": "k8s-file"},
+        }
+        if self.pids_limit is not None:
+            kw["pids_limit"] = self.pids_limit
+        if self.memory_bytes is not None:
+            kw["mem_limit"] = self.memory_bytes
+        if self.memswap_bytes is not None:
+            kw["memswap_limit"] = self.memswap_bytes
+        if self.cpu_quota_us is not None and self.cpu_period_us is not None:
+            kw["cpu_quota"] = self.cpu_quota_us
+            kw["cpu_period"] = self.cpu_period_us
+        if self.devices:
+            kw["devices"] = list(self.devices)
+        if self.userns_mode:
+            kw["userns_mode"] = self.userns_mode
+        kw.update(self.extra)
+        return kw
+
+
+def _common_env(spec_env: Mapping[str, str]) -> dict[str, str]:
+    env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "LANG": "C.UTF-8"}
+    env.update(spec_env)
+    return env
+
+
+def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
+                         rootless: bool, pydeps_dir: str | None = None) -> ContainerSpec:
+    """The run container of a task. `pydeps_dir` is the host dir of its installed requirements."""
+    uid, gid = parse_user(cfg.user)
+    lim = spec.limits
+    env = _common_env(spec.env)
+    mounts = [Mount("bind", WORKSPACE, str(spec.workspace)),
+              Mount("tmpfs", "/tmp", size_bytes=min(lim.tmpfs_bytes, cfg.tmpfs_mb * 1024 * 1024),
+                    mode="1777")]
+    if pydeps_dir is not None:
+        mounts.append(Mount("bind", PYCACHE_MOUNT, pydeps_dir, read_only=True))
+        env["PYTHONPATH"] = ":".join(p for p in (PYCACHE_MOUNT, env.get("PYTHONPATH", "")) if p)
+    network = "none"
+    if lim.network and cfg.network == "outbound":
+        network = "slirp4netns" if rootless else "bridge"
+    labels = {k: v for k, v in spec.labels.items() if not k.startswith("hivemind.")}
+    labels.update({LABEL_MANAGED: "1", LABEL_NODE: node_id, LABEL_TASK: spec.task_id,
+                   LABEL_ROLE: "task"})
+    return ContainerSpec(
+        name=container_name(node_id, spec.task_id),
+        image=cfg.image,
+        command=tuple(spec.entry.argv),
+        user=f"{uid}:{gid}",
+        workdir=WORKSPACE,
+        env=env,
+        labels=labels,
+        mounts=tuple(mounts),
+        network_mode=network,
+        read_only=True,
+        cap_drop=("ALL",),
+        no_new_privileges=True,
+        pids_limit=min(lim.pids, cfg.pids_limit),
+        memory_bytes=lim.memory_bytes,
+        memswap_bytes=lim.memory_bytes,     # equal: no swap on top of the memory limit
+        cpu_quota_us=max(1000, round(lim.cpus * CPU_PERIOD_US)),
+        cpu_period_us=CPU_PERIOD_US,
+        nofile=cfg.nofile,
+        nproc=cfg.nproc,
+        devices=tuple(lim.gpu_devices),
+        userns_mode=f"keep-id:uid={uid},gid={gid}" if rootless else None,
+    )
+
+
+def build_prepare_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *, rootless: bool,
+                       build_dir: str) -> ContainerSpec:
+    """The pip container: network on (rootless: host network, since slirp4netns needs
+    /dev/net/tun which is 0600 here), installs requirements.txt into `build_dir` mounted rw."""
+    if spec.requirements is None:
+        raise ValueError("task has no requirements.txt")
+    uid, gid = parse_user(cfg.user)
+    req_in_ws = PurePosixPath(WORKSPACE) / spec.requirements.relative_to(spec.workspace).as_posix()
+    command = ("python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+               "--no-warn-script-location", "--progress-bar", "off", "--target", PYCACHE_MOUNT,
+               "-r", str(req_in_ws))
+    base = build_container_spec(spec, cfg, node_id, rootless=rootless)
+    labels = dict(base.labels)
+    labels[LABEL_ROLE] = "prepare"
+    mounts = (Mount("bind", WORKSPACE, str(spec.workspace), read_only=True),
+              Mount("tmpfs", "/tmp", size_bytes=1024 * 1024 * 1024, mode="1777"),
+              Mount("bind", PYCACHE_MOUNT, build_dir))
+    return ContainerSpec(
+        name=container_name(node_id, spec.task_id, "prepare"),
+        image=cfg.image, command=command, user=f"{uid}:{gid}", workdir="/tmp",
+        env=_common_env({}), labels=labels, mounts=mounts,
+        network_mode="host" if rootless else "bridge",
+        read_only=True, cap_drop=("ALL",), no_new_privileges=True,
+        pids_limit=base.pids_limit, memory_bytes=None, memswap_bytes=None,
+        cpu_quota_us=None, cpu_period_us=None, nofile=cfg.nofile, nproc=cfg.nproc,
+        userns_mode=base.userns_mode,
+    )

@@ -1,0 +1,214 @@
+"""A small typed wrapper over podman-py: the only module that passes it **kwargs or reads its dicts.
+
+Everything returned is a plain typed value. Errors become `TaskNotFound` (no such container) or
+`PodmanError` (anything else the service said), with podman's own message kept.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from podman import PodmanClient
+from podman.errors import APIError, NotFound
+
+from hivemind.errors import HivemindError, TaskNotFound
+from hivemind.executors.container_spec import ContainerSpec
+
+
+class PodmanError(HivemindError):
+    """The Podman service refused or failed a call; retrying may help."""
+
+    recoverable = True
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    name: str
+    status: str                        # created | running | exited | stopped | ...
+    running: bool
+    exit_code: int | None
+    oom_killed: bool
+    started_at: float | None           # epoch seconds
+    finished_at: float | None
+    labels: Mapping[str, str]
+    memory_limit: int                  # what podman really applied (0: none)
+    memswap_limit: int
+    cpu_quota: int
+    cpu_period: int
+    pids_limit: int
+    network_mode: str
+    read_only: bool
+    error: str
+
+
+@dataclass(frozen=True)
+class ContainerSummary:
+    id: str
+    name: str
+    state: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class LogFrame:
+    stream: str                        # "stdout" | "stderr"
+    data: bytes
+
+
+def _epoch(value: Any) -> float | None:
+    """Podman's RFC 3339 timestamps (nanoseconds, zero value year 1) as epoch seconds."""
+    if not isinstance(value, str) or not value or value.startswith("0001-"):
+        return None
+    text = value.replace("Z", "+00:00")
+    # Python parses at most microseconds; trim the nanosecond digits.
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = "".join(c for c in rest if c.isdigit())
+        zone = rest[len(digits):]
+        text = f"{head}.{digits[:6]}{zone}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+class PodmanAdapter:
+    def __init__(self, uri: str, timeout: float | None = None) -> None:
+        self.uri = uri
+        # No client timeout by default: wait and logs --follow legitimately block for hours.
+        self._client = PodmanClient(base_url=uri, timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def version(self) -> str:
+        info: dict[str, Any] = self._client.version()
+        return str(info.get("Version", "?"))
+
+    def image_id(self, image: str) -> str | None:
+        try:
+            return str(self._client.images.get(image).id)
+        except NotFound:
+            return None
+        except APIError as exc:
+            raise PodmanError(f"image {image}: {exc.explanation or exc}") from None
+
+    def create(self, spec: ContainerSpec) -> str:
+        try:
+            container = self._client.containers.create(**spec.create_kwargs())
+        except APIError as exc:
+            raise PodmanError(f"create {spec.name}: {exc.explanation or exc}") from None
+        return str(container.id)
+
+    def _call(self, what: str, ref: str, method: str, path: str,
+              params: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+        try:
+            resp = getattr(self._client.api, method)(path, params=params, **kw)
+            resp.raise_for_status()
+        except NotFound:
+            raise TaskNotFound(f"container {ref} not found") from None
+        except APIError as exc:
+            raise PodmanError(f"{what} {ref}: {exc.explanation or exc}") from None
+        return resp
+
+    def start(self, ref: str) -> None:
+        self._call("start", ref, "post", f"/containers/{ref}/start")
+
+    def wait(self, ref: str, interval: str = "10ms") -> int:
+        """Blocks until the container is no longer running; its exit code."""
+        resp = self._call("wait", ref, "post", f"/containers/{ref}/wait",
+                          {"condition": ["stopped", "exited"], "interval": interval})
+        return int(resp.json())
+
+    def stop(self, ref: str, timeout: float) -> None:
+        try:
+            self._call("stop", ref, "post", f"/containers/{ref}/stop",
+                       {"timeout": max(0, int(round(timeout)))})
+        except PodmanError as exc:
+            # 304 "not modified": it already stopped, which is what we asked for.
+            if "304" not in str(exc):
+                raise
+
+    def kill(self, ref: str, signal: str = "SIGKILL") -> None:
+        self._call("kill", ref, "post", f"/containers/{ref}/kill", {"signal": signal})
+
+    def remove(self, ref: str) -> None:
+        """Force-remove with its anonymous volumes; a missing container is fine."""
+        try:
+            self._call("remove", ref, "delete", f"/containers/{ref}",
+                       {"force": True, "v": True, "timeout": 0})
+        except TaskNotFound:
+            pass
+
+    def inspect(self, ref: str) -> ContainerState:
+        data: dict[str, Any] = self._call("inspect", ref, "get", f"/containers/{ref}/json").json()
+        st = data.get("State") or {}
+        hc = data.get("HostConfig") or {}
+        cfg = data.get("Config") or {}
+        exit_code = st.get("ExitCode")
+        status = str(st.get("Status", ""))
+        return ContainerState(
+            id=str(data.get("Id", "")), name=str(data.get("Name", "")).lstrip("/"),
+            status=status, running=bool(st.get("Running")),
+            exit_code=int(exit_code) if exit_code is not None and status in ("exited", "stopped")
+            else None,
+            oom_killed=bool(st.get("OOMKilled")),
+            started_at=_epoch(st.get("StartedAt")), finished_at=_epoch(st.get("FinishedAt")),
+            labels=dict(cfg.get("Labels") or {}),
+            memory_limit=int(hc.get("Memory") or 0), memswap_limit=int(hc.get("MemorySwap") or 0),
+            cpu_quota=int(hc.get("CpuQuota") or 0), cpu_period=int(hc.get("CpuPeriod") or 0),
+            pids_limit=int(hc.get("PidsLimit") or 0),
+            network_mode=str(hc.get("NetworkMode", "")), read_only=bool(hc.get("ReadonlyRootfs")),
+            error=str(st.get("Error") or ""),
+        )
+
+    def list_labelled(self, labels: Mapping[str, str]) -> list[ContainerSummary]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        resp = self._call("list", "*", "get", "/containers/json",
+                          {"all": True, "filters": json.dumps(filters)})
+        out = []
+        for c in resp.json():
+            names = c.get("Names") or [""]
+            out.append(ContainerSummary(id=str(c.get("Id", "")), name=str(names[0]),
+                                        state=str(c.get("State", "")),
+                                        labels=dict(c.get("Labels") or {})))
+        return out
+
+    def logs(self, ref: str, *, follow: bool, since: float | None = None) -> Iterator[LogFrame]:
+        """Log frames with podman's timestamps prefixed; ends when the container stops (follow)."""
+        params: dict[str, Any] = {"follow": follow, "stdout": True, "stderr": True,
+                                  "timestamps": True}
+        if since is not None:
+            params["since"] = str(int(since))
+        resp = self._call("logs", ref, "get", f"/containers/{ref}/logs", params, stream=True)
+        return _frames(resp.raw)
+
+    def stats(self, ref: str) -> dict[str, Any] | None:
+        resp = self._call("stats", ref, "get", "/containers/stats",
+                          {"containers": [ref], "stream": False})
+        data: dict[str, Any] = resp.json()
+        stats = data.get("Stats") or []
+        return dict(stats[0]) if stats else None
+
+
+def _frames(raw: Any) -> Iterator[LogFrame]:
+    """Docker's multiplexed stream: 8-byte header (stream id, size) then the payload."""
+    names = {1: "stdout", 2: "stderr"}
+    while True:
+        header = raw.read(8)
+        if len(header) < 8:
+            return
+        kind, size = struct.unpack(">BxxxL", header)
+        data = b""
+        while len(data) < size:
+            chunk = raw.read(size - len(data))
+            if not chunk:
+                return
+            data += chunk
+        yield LogFrame(names.get(kind, "stdout"), data)

@@ -1,0 +1,186 @@
+"""Find the Podman API service for the configured mode, or start one and own it.
+
+- podman.socket set: use it as is; never start anything.
+- rootful: /run/podman/podman.sock; started as `podman system service --time=0` when absent
+  (the default 5 s idle timeout would pull the socket away between tasks).
+- rootless, worker not root: the worker's own user, $XDG_RUNTIME_DIR/podman/podman.sock.
+- rootless, worker is root: the service runs as podman.rootless_user with that user's
+  XDG_RUNTIME_DIR (/run/user/UID, created if missing), so tasks never get root's storage.
+A service this module started is stopped by `close()`; one it found is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from hivemind.config import PodmanConfig
+from hivemind.errors import ExecutorUnavailable
+
+ROOTFUL_SOCKET = "/run/podman/podman.sock"
+
+
+@dataclass(frozen=True)
+class ServiceUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    runtime_dir: str
+
+
+def ping(socket_path: str, timeout: float = 2.0) -> bool:
+    """True when a Podman service answers /_ping on this unix socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(socket_path)
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
+            reply = s.recv(64)
+    except OSError:
+        return False
+    return reply.startswith(b"HTTP/1.") and b" 200 " in reply[:16]
+
+
+def _socket_path(uri: str) -> str:
+    for prefix in ("unix://", "http+unix://"):
+        if uri.startswith(prefix):
+            return uri[len(prefix):]
+    raise ExecutorUnavailable(f"podman.socket {uri!r}: only unix:// sockets are supported")
+
+
+class PodmanService:
+    def __init__(self, cfg: PodmanConfig, logger: logging.Logger, *,
+                 podman_bin: str = "podman", start_timeout_s: float = 15.0,
+                 euid: Callable[[], int] = os.geteuid) -> None:
+        self._cfg = cfg
+        self._log = logger
+        self._bin = podman_bin
+        self._start_timeout = start_timeout_s
+        self._euid = euid
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._err: IO[bytes] = tempfile.TemporaryFile()
+        self._uri: str | None = None
+
+    @property
+    def rootless(self) -> bool:
+        return self._cfg.mode == "rootless"
+
+    def service_user(self) -> ServiceUser | None:
+        """Whose rootless Podman runs tasks; None when rootful."""
+        if not self.rootless:
+            return None
+        if self._euid() == 0:
+            try:
+                pw = pwd.getpwnam(self._cfg.rootless_user)
+            except KeyError:
+                raise ExecutorUnavailable(
+                    f"podman.rootless_user {self._cfg.rootless_user!r} does not exist; "
+                    "run scripts/setup-podman or set podman.mode: rootful") from None
+            return ServiceUser(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir,
+                               f"/run/user/{pw.pw_uid}")
+        pw = pwd.getpwuid(self._euid())
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{pw.pw_uid}"
+        return ServiceUser(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, runtime)
+
+    def socket_path(self) -> str:
+        if self._cfg.socket:
+            return _socket_path(self._cfg.socket)
+        user = self.service_user()
+        return ROOTFUL_SOCKET if user is None else f"{user.runtime_dir}/podman/podman.sock"
+
+    @property
+    def owned(self) -> bool:
+        return self._proc is not None
+
+    def ensure(self) -> str:
+        """The service URI, starting the service if needed. Raises ExecutorUnavailable."""
+        path = self.socket_path()
+        if self._uri is not None and ping(path):
+            return self._uri
+        if ping(path):
+            self._uri = f"unix://{path}"
+            return self._uri
+        if self._cfg.socket:
+            raise ExecutorUnavailable(f"no Podman service answers on {self._cfg.socket}")
+        if shutil.which(self._bin) is None:
+            raise ExecutorUnavailable(f"{self._bin} is not installed (apt install podman)")
+        if not self.rootless and self._euid() != 0:
+            raise ExecutorUnavailable("podman.mode rootful needs the worker to run as root")
+        self._start(path)
+        self._uri = f"unix://{path}"
+        return self._uri
+
+    def _start(self, path: str) -> None:
+        self.close()
+        user = self.service_user()
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+        for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+            if key in os.environ and user is None:
+                env[key] = os.environ[key]
+        kwargs: dict[str, object] = {}
+        if user is not None:
+            env.update(HOME=user.home, USER=user.name, LOGNAME=user.name,
+                       XDG_RUNTIME_DIR=user.runtime_dir)
+            if self._euid() == 0:
+                self._make_runtime_dir(user)
+                kwargs = {"user": user.uid, "group": user.gid, "extra_groups": [],
+                          "cwd": user.home if os.path.isdir(user.home) else "/"}
+        if user is None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        argv = [self._bin, "system", "service", "--time=0", f"unix://{path}"]
+        self._log.info("starting podman service", extra={"socket": path})
+        # A file, not a pipe: a long-lived service would block once a pipe nobody reads fills.
+        self._err = tempfile.TemporaryFile()
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=self._err,
+                                start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        self._proc = proc
+        deadline = time.monotonic() + self._start_timeout
+        while time.monotonic() < deadline:
+            if ping(path, timeout=0.5):
+                return
+            if proc.poll() is not None:
+                self._err.seek(0)
+                err = self._err.read().decode(errors="replace")
+                self._proc = None
+                raise ExecutorUnavailable(
+                    f"podman system service exited with {proc.returncode}: {err.strip()[-400:]}")
+            time.sleep(0.05)
+        self.close()
+        raise ExecutorUnavailable(f"podman system service did not answer on {path} "
+                                  f"within {self._start_timeout:.0f}s")
+
+    @staticmethod
+    def _make_runtime_dir(user: ServiceUser) -> None:
+        # What logind would do for a login session; a system service user has none.
+        rd = Path(user.runtime_dir)
+        if not rd.exists():
+            rd.mkdir(mode=0o700, parents=True)
+            os.chown(rd, user.uid, user.gid)
+
+    def close(self) -> None:
+        """Stop the service if this object started it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._err.close()
+        self._uri = None

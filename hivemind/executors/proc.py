@@ -1,0 +1,351 @@
+"""Process helpers for the venv executor: line splitting, log tailing, process groups, users.
+
+Nothing here forks with Python code in the child: a Go runtime may live in the worker process
+(the native metrics library) and hangs after a bare fork(), and preexec_fn is unsafe with
+threads. Privilege drops and rlimits are therefore applied by exec wrappers (setpriv, prlimit).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import pwd
+import resource
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemind.executors.base import OutputLine, OutputSink
+
+MAX_LINE_BYTES = 8192
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class LineSplitter:
+    """Bytes in, complete text lines out; a line longer than `max_bytes` is cut into pieces.
+
+    Cuts never split a UTF-8 sequence (when the bytes are valid UTF-8), so each piece decodes
+    cleanly; invalid bytes become U+FFFD.
+    """
+
+    def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
+        self._max = max_bytes
+        self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back because their line isn't complete yet."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[str]:
+        self._buf += data
+        out: list[str] = []
+        while self._buf:
+            nl = self._buf.find(b"\n", 0, self._max + 1)
+            if nl != -1:
+                out.append(_decode(self._buf[:nl]))
+                del self._buf[: nl + 1]
+            elif len(self._buf) > self._max:
+                cut = _utf8_cut(self._buf, self._max)
+                out.append(_decode(self._buf[:cut]))
+                del self._buf[:cut]
+            else:
+                break
+        return out
+
+    def flush(self) -> list[str]:
+        if not self._buf:
+            return []
+        text = _decode(self._buf)
+        self._buf.clear()
+        return [text]
+
+
+def _decode(raw: bytes | bytearray) -> str:
+    return bytes(raw).decode("utf-8", errors="replace").removesuffix("\r")
+
+
+def _utf8_cut(buf: bytearray, limit: int) -> int:
+    cut = limit
+    # Step back over continuation bytes (10xxxxxx) so a multi-byte character stays whole.
+    while cut > limit - 3 and cut > 0 and (buf[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > 0 else limit
+
+
+def emit(sink: OutputSink, stream: str, lines: list[str], clock: Callable[[], float],
+         log: logging.Logger) -> None:
+    for text in lines:
+        try:
+            sink(OutputLine(ts=clock(), stream=stream, text=text))
+        except Exception:  # a broken sink must not stop the reader: the task keeps running
+            log.exception("output sink failed; line dropped")
+
+
+class FileTailer(threading.Thread):
+    """Follows a log file the task writes, from `offset`, and sends its lines to the sink.
+
+    Tasks write to files rather than pipes so that a restarted daemon can keep streaming (a pipe
+    dies with its reader, and the task would get SIGPIPE). Polling backs off from 1 ms to 50 ms
+    while the file is idle, so a first line arrives within about a millisecond of being written.
+    `finish()` drains what is left once the task's processes are gone and ends the thread.
+    """
+
+    MIN_SLEEP = 0.001
+    MAX_SLEEP = 0.05
+
+    def __init__(self, path: Path, stream: str, sink: OutputSink, log: logging.Logger, *,
+                 offset: int = 0, offset_file: Path | None = None,
+                 clock: Callable[[], float] = time.time, keep_last: int = 20) -> None:
+        super().__init__(name=f"tail-{path.name}", daemon=True)
+        self._path = path
+        self._stream = stream
+        self._sink = sink
+        self._log = log
+        self._offset = offset            # bytes handed out as complete lines (or cut pieces)
+        self._offset_file = offset_file
+        self._saved_offset = offset
+        self._saved_at = 0.0
+        self._clock = clock
+        self._split = LineSplitter()
+        self._finishing = threading.Event()
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=keep_last)
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def finish(self, timeout: float | None = 10.0) -> None:
+        self._finishing.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                sleep = self.MIN_SLEEP
+                while True:
+                    finishing = self._finishing.is_set()
+                    data = f.read(65536)
+                    if data:
+                        self._take(data)
+                        sleep = self.MIN_SLEEP
+                        continue
+                    if finishing:  # read after the flag was seen: nothing more can come
+                        pending = self._split.pending
+                        self._deliver(self._split.flush(), consumed=pending)
+                        break
+                    self._save_offset(force=False)
+                    self._finishing.wait(sleep)
+                    sleep = min(sleep * 2, self.MAX_SLEEP)
+        except OSError as exc:
+            self._log.warning("stopped reading %s: %s", self._path.name, exc.strerror)
+        finally:
+            self._save_offset(force=True)
+
+    def _take(self, data: bytes) -> None:
+        before = self._split.pending
+        lines = self._split.feed(data)
+        self._deliver(lines, consumed=before + len(data) - self._split.pending)
+
+    def _deliver(self, lines: list[str], consumed: int) -> None:
+        self.last_lines.extend(lines)
+        emit(self._sink, self._stream, lines, self._clock, self._log)
+        self._offset += consumed
+
+    def _save_offset(self, *, force: bool) -> None:
+        if self._offset_file is None or self._offset == self._saved_offset:
+            return
+        now = time.monotonic()
+        if not force and now - self._saved_at < 1.0:
+            return
+        self._saved_at = now
+        with contextlib.suppress(OSError):
+            write_atomic(self._offset_file, str(self._offset))
+            self._saved_offset = self._offset
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class GroupSample:
+    pids: int
+    rss_bytes: int
+    cpu_seconds: float                 # user+system of live members and the children they reaped
+
+
+def group_members(pgid: int) -> list[int]:
+    return [pid for pid, pg, _rss, _cpu in _proc_stats() if pg == pgid]
+
+
+def sample_group(pgid: int) -> GroupSample:
+    n, rss, cpu = 0, 0, 0.0
+    for _pid, pg, r, c in _proc_stats():
+        if pg == pgid:
+            n, rss, cpu = n + 1, rss + r, cpu + c
+    return GroupSample(pids=n, rss_bytes=rss, cpu_seconds=cpu)
+
+
+def _proc_stats() -> Iterator[tuple[int, int, int, float]]:
+    """(pid, pgid, rss bytes, cpu seconds) of every process, from /proc/PID/stat (one read each)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue  # exited while we looked
+        # comm (field 2) may hold spaces and parentheses: split after its last ')'.
+        fields = raw[raw.rfind(b")") + 2:].split()
+        if len(fields) < 22:
+            continue
+        ticks = sum(int(x) for x in fields[11:15])     # utime stime cutime cstime
+        yield int(name), int(fields[2]), int(fields[21]) * _PAGE, ticks / _CLK_TCK
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Signal a whole process group; False when it is already gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def find_marked(env_key: str, value: str, uid: int | None) -> list[int]:
+    """Pids whose environment carries `env_key=value` (and, if given, owned by `uid`).
+
+    Catches processes that left the task's process group (setsid, double fork) but kept the
+    environment. Best effort: a task may clear its environment, and only root (or the same uid)
+    can read another process's environ.
+    """
+    needle = f"{env_key}={value}".encode()
+    found: list[int] = []
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if uid is not None and os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(name))
+    return found
+
+
+def process_start_time(pid: int) -> float | None:
+    """psutil-compatible create_time, used with the pid to tell a process from a reused pid."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def same_process(pid: int, create_time: float) -> bool:
+    now = process_start_time(pid)
+    return now is not None and abs(now - create_time) < 0.1
+
+
+@dataclass(frozen=True)
+class TaskUser:
+    name: str
+    uid: int
+    gid: int
+
+
+def lookup_user(name: str) -> TaskUser:
+    pw = pwd.getpwnam(name)
+    return TaskUser(name=name, uid=pw.pw_uid, gid=pw.pw_gid)
+
+
+def may_access(path: Path, user: TaskUser, want: int) -> bool:
+    """Whether `user` (with only its primary group) can reach `path` and has `want` on it.
+
+    `want` is a combination of os.R_OK, os.W_OK, os.X_OK. Judged from mode bits, since the
+    worker (root) can't ask the kernel on another user's behalf.
+    """
+    p = Path(os.path.abspath(path))
+    parts = [*reversed(p.parents), p]
+    for i, part in enumerate(parts):
+        try:
+            st = os.stat(part)
+        except OSError:
+            return False
+        need = want if i == len(parts) - 1 else os.X_OK
+        if not _mode_allows(st, user, need):
+            return False
+    return True
+
+
+def _mode_allows(st: os.stat_result, user: TaskUser, need: int) -> bool:
+    if user.uid == 0:
+        return True
+    if st.st_uid == user.uid:
+        bits = (st.st_mode >> 6) & 7
+    elif st.st_gid == user.gid:
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    return bits & need == need
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """chown a tree without following symlinks (a task archive may contain hostile links)."""
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+def strip_group_other_write(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, ""]:
+            p = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & ~0o022)
+
+
+@dataclass(frozen=True)
+class RLimits:
+    address_space: int
+    nproc: int
+    nofile: int
+    cpu_soft: int
+    cpu_hard: int
+
+    def prlimit_argv(self) -> list[str]:
+        return ["prlimit", f"--as={self.address_space}", f"--nproc={self.nproc}",
+                f"--nofile={self.nofile}", f"--cpu={self.cpu_soft}:{self.cpu_hard}", "--"]
+
+
+def clamp_to_hard(which: int, value: int) -> int:
+    """Limits can only be lowered here (root lacks CAP_SYS_RESOURCE on some hosts)."""
+    hard = resource.getrlimit(which)[1]
+    return value if hard == resource.RLIM_INFINITY else min(value, hard)
+
+
+def exit_signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code if code < 0 else code - 128).name
+    except ValueError:
+        return f"signal {code}"

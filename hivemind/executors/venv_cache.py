@@ -1,0 +1,237 @@
+"""A cache of task venvs, keyed by requirements.txt content and the interpreter.
+
+Layout under the cache root:
+    <key>/                 a finished venv; it exists only once complete (renamed into place)
+    .build-<key>-XXXX/     a build in progress: venv/, home/, requirements.txt
+    .locks/<key>.lock      flock(2) held by the one process building <key>
+
+A build runs under an exclusive flock, into a temp dir, then is renamed into place: a crashed
+build leaves no half venv (the next builder removes its temp dir) and no held lock (the kernel
+drops a flock with its holder). When the worker is root, the build (including any setup.py that
+pip runs) runs as the task user, never as root; the finished venv is then chowned to root and
+made read-only for others, so one task can't poison a venv another task uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hivemind.errors import HivemindError
+from hivemind.executors.base import OutputLine, OutputSink, PrepareCancelled
+from hivemind.executors.proc import LineSplitter, TaskUser, chown_tree, emit, signal_group, strip_group_other_write
+
+_POLL_S = 0.05
+
+
+class PrepareFailed(HivemindError):
+    """Installing a task's requirements failed (pip error or prepare timeout); not retryable as is."""
+
+
+class VenvCache:
+    """Builds and finds venvs. Thread-safe and safe across processes (flock per key)."""
+
+    def __init__(self, root: Path, python: str, logger: logging.Logger, *,
+                 build_user: TaskUser | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.python = python
+        self._log = logger
+        self._build_user = build_user
+        self._clock = clock
+        self._wall = wall_clock
+        self._interp_id: str | None = None
+        self._id_lock = threading.Lock()
+        self.builds = 0                # venvs this object built; the tests count pip runs with it
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def interpreter_id(self) -> str:
+        """Real path and full version of the interpreter: a venv is only valid for that pair."""
+        with self._id_lock:
+            if self._interp_id is None:
+                real = os.path.realpath(self.python)
+                out = subprocess.run([real, "-c", "import sys; print(sys.version)"],
+                                     capture_output=True, text=True, timeout=30,
+                                     stdin=subprocess.DEVNULL, env=_base_env(None), check=True)
+                self._interp_id = f"{real}\n{out.stdout.strip()}"
+            return self._interp_id
+
+    def key(self, requirements: bytes | None) -> str:
+        h = hashlib.sha256(self.interpreter_id().encode())
+        h.update(b"\0")
+        h.update(requirements or b"")
+        return h.hexdigest()[:32]
+
+    def lookup(self, requirements: Path | None) -> Path | None:
+        """The finished venv for these requirements, or None. Never builds."""
+        path = self.root / self.key(_read(requirements))
+        return path if (path / "bin" / "python").exists() else None
+
+    # -- building ----------------------------------------------------------------------------
+
+    def ensure(self, requirements: Path | None, sink: OutputSink, cancel: threading.Event,
+               timeout_s: float) -> Path:
+        """The venv for these requirements, building it (with pip, network allowed) if needed.
+
+        Raises PrepareCancelled when `cancel` is set, PrepareFailed on a pip error or when
+        `timeout_s` passes (waiting for another builder counts); in both cases nothing of the
+        build is left running or on disk.
+        """
+        content = _read(requirements)
+        key = self.key(content)
+        final = self.root / key
+        if (final / "bin" / "python").exists():
+            return final
+        deadline = self._clock() + timeout_s
+        self._make_dirs()
+        fd = os.open(self.root / ".locks" / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._lock(fd, key, sink, cancel, deadline)
+            if (final / "bin" / "python").exists():   # built by whoever held the lock
+                return final
+            self._remove_stale_builds(key)
+            self._build(key, content, final, sink, cancel, deadline)
+            return final
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _make_dirs(self) -> None:
+        # The task user must traverse the cache to run a venv's python, never write to it.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        (self.root / ".locks").mkdir(exist_ok=True, mode=0o700)
+
+    def _lock(self, fd: int, key: str, sink: OutputSink, cancel: threading.Event,
+              deadline: float) -> None:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if not told:
+                self._say(sink, f"waiting for another build of venv {key[:12]}")
+                told = True
+            if cancel.wait(_POLL_S):
+                raise PrepareCancelled()
+            if self._clock() > deadline:
+                raise PrepareFailed("prepare timed out waiting for another build of the same requirements")
+
+    def _remove_stale_builds(self, key: str) -> None:
+        for stale in self.root.glob(f".build-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _build(self, key: str, content: bytes | None, final: Path, sink: OutputSink,
+               cancel: threading.Event, deadline: float) -> None:
+        build = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
+        try:
+            venv, home = build / "venv", build / "home"
+            home.mkdir()
+            req = build / "requirements.txt"
+            if content:
+                # pip reads this copy: what was hashed is exactly what gets installed.
+                req.write_bytes(content)
+            if self._build_user is not None:
+                chown_tree(build, self._build_user.uid, self._build_user.gid)
+            self._say(sink, f"creating venv {key[:12]} ({self.python})")
+            cmd = [self.python, "-m", "venv"] + ([] if content else ["--without-pip"]) + [str(venv)]
+            self._run(cmd, build, home, sink, cancel, deadline, "creating the venv")
+            if content:
+                self._say(sink, "installing requirements.txt")
+                self._run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
+                           "--disable-pip-version-check", "--no-cache-dir", "--progress-bar", "off",
+                           "-r", str(req)], build, home, sink, cancel, deadline, "pip install")
+            _relocate(venv, final)
+            if self._build_user is not None:
+                chown_tree(venv, 0, 0)
+                strip_group_other_write(venv)
+            os.rename(venv, final)
+            self.builds += 1
+            self._say(sink, f"venv {key[:12]} ready")
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+
+    def _run(self, argv: list[str], cwd: Path, home: Path, sink: OutputSink,
+             cancel: threading.Event, deadline: float, what: str) -> None:
+        """Run one build step in its own process group; its output goes to the sink line by line."""
+        user = self._build_user
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=_base_env(home), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            user=user.uid if user else None, group=user.gid if user else None,
+            extra_groups=[] if user else None)
+        reader = threading.Thread(target=self._pump, args=(proc, sink), daemon=True,
+                                  name="prepare-output")
+        reader.start()
+        try:
+            while proc.poll() is None:
+                if cancel.wait(_POLL_S):
+                    raise PrepareCancelled()
+                if self._clock() > deadline:
+                    raise PrepareFailed(f"prepare timed out during {what}")
+        finally:
+            # Kill the whole group whatever happened: pip's build backends are its children.
+            signal_group(proc.pid, 9)
+            proc.wait()
+            reader.join(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if proc.returncode != 0:
+            raise PrepareFailed(f"{what} failed with exit code {proc.returncode}; see the prepare output")
+
+    def _pump(self, proc: subprocess.Popen[bytes], sink: OutputSink) -> None:
+        assert proc.stdout is not None
+        split = LineSplitter()
+        while chunk := proc.stdout.read1(65536):
+            emit(sink, "prepare", split.feed(chunk), self._wall, self._log)
+        emit(sink, "prepare", split.flush(), self._wall, self._log)
+
+    def _say(self, sink: OutputSink, text: str) -> None:
+        with contextlib.suppress(Exception):
+            sink(OutputLine(ts=self._wall(), stream="prepare", text=f"[hivemind] {text}"))
+
+
+def _read(requirements: Path | None) -> bytes | None:
+    if requirements is None or not requirements.is_file():
+        return None
+    data = requirements.read_bytes()
+    return data if data.strip() else None
+
+
+def _base_env(home: Path | None) -> dict[str, str]:
+    """A build step sees none of the worker's environment (no secrets, no NOTIFY_SOCKET)."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+           "PIP_CONFIG_FILE": os.devnull}
+    if home is not None:
+        env["HOME"] = str(home)
+    return env
+
+
+def _relocate(venv: Path, final: Path) -> None:
+    """Rewrite the build path to the final path in bin/ (script shebangs, activate scripts).
+
+    The interpreter itself finds its venv through pyvenv.cfg next to bin/, so it moves freely.
+    """
+    old, new = str(venv).encode(), str(final).encode()
+    for entry in (venv / "bin").iterdir():
+        if entry.is_symlink() or not entry.is_file():
+            continue
+        data = entry.read_bytes()
+        if old in data:
+            mode = entry.stat().st_mode
+            entry.write_bytes(data.replace(old, new))
+            os.chmod(entry, mode)

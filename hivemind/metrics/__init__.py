@@ -1,0 +1,10 @@
+"""Machine metrics (native Go library or psutil), GPU detection and the CPU score.
+
+`open_metrics()` picks the backend; both return the same `Snapshot` dataclasses.
+"""
+
+from hivemind.metrics.model import CgroupStats, Snapshot
+from hivemind.metrics.native import MetricsError, MetricsSource, MetricsUnavailable, open_metrics
+
+__all__ = ["CgroupStats", "MetricsError", "MetricsSource", "MetricsUnavailable", "Snapshot",
+           "open_metrics"]

@@ -1,0 +1,159 @@
+"""Task output: each line goes to the task's log file (for the result archive), to a bounded
+in-memory tail (for the status API), and into a batch that is streamed to the pool about once a
+second. A slow or absent pool never blocks a task: batches are bounded and the oldest text is
+dropped from the stream (never from the log file, which the result carries whole)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from hivemind.executors.base import OutputLine
+
+TAIL_LINES = 200
+PENDING_LIMIT_BYTES = 1024 * 1024
+
+
+class TaskOutput:
+    """The output of one task. Thread-safe: executors' reader threads call `__call__`."""
+
+    def __init__(self, task_id: str, log_path: Path, on_line: Callable[[str, OutputLine], None] | None = None) -> None:
+        self.task_id = task_id
+        self.log_path = log_path
+        self._lock = threading.Lock()
+        self._fh: IO[str] | None = log_path.open("a", encoding="utf-8", errors="replace")
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._dropped = 0
+        self._on_line = on_line
+        self.first_line_at: float | None = None
+        self.lines = 0
+
+    def __call__(self, line: OutputLine) -> None:
+        text = line.text
+        stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
+        record = f"[{stamp}] {text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {text}"
+        with self._lock:
+            if self.first_line_at is None and line.stream != "prepare":
+                self.first_line_at = line.ts
+            self.lines += 1
+            if self._fh is not None:
+                self._fh.write(record + "\n")
+                self._fh.flush()
+            self._tail.append(record)
+            self._pending.append(text + "\n")
+            self._pending_bytes += len(text) + 1
+            while self._pending_bytes > PENDING_LIMIT_BYTES and len(self._pending) > 1:
+                dropped = self._pending.pop(0)
+                self._pending_bytes -= len(dropped)
+                self._dropped += 1
+        if self._on_line is not None:
+            self._on_line(self.task_id, line)
+
+    def take_batch(self, max_bytes: int) -> str:
+        """Up to max_bytes of text not yet streamed (whole lines unless one line is longer)."""
+        with self._lock:
+            out: list[str] = []
+            size = 0
+            if self._dropped:
+                out.append(f"[hivemind: {self._dropped} lines not streamed; they are in the result]\n")
+                size += len(out[0])
+                self._dropped = 0
+            while self._pending and (size + len(self._pending[0]) <= max_bytes or not out):
+                item = self._pending.pop(0)
+                if len(item) > max_bytes:
+                    item, rest = item[:max_bytes], item[max_bytes:]
+                    self._pending.insert(0, rest)
+                self._pending_bytes -= len(item)
+                size += len(item)
+                out.append(item)
+            return "".join(out)
+
+    def give_back(self, text: str) -> None:
+        """Put an unsent batch back at the front (the pool call failed)."""
+        with self._lock:
+            self._pending.insert(0, text)
+            self._pending_bytes += len(text)
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending) or self._dropped > 0
+
+    def tail(self, n: int = 50) -> list[str]:
+        with self._lock:
+            return list(self._tail)[-n:]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+class OutputStreamer:
+    """One thread that flushes every task's pending output to the pool at a fixed interval."""
+
+    def __init__(self, send: Callable[[str, str], None], interval_s: float, batch_max_bytes: int,
+                 logger: logging.Logger) -> None:
+        self._send = send
+        self._interval = interval_s
+        self._batch = batch_max_bytes
+        self._log = logger
+        self._outputs: dict[str, TaskOutput] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="output-streamer", daemon=True)
+        self.failures = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, out: TaskOutput) -> None:
+        with self._lock:
+            self._outputs[out.task_id] = out
+
+    def finish(self, task_id: str, timeout: float = 5.0) -> None:
+        """Flush what's left of a task's output, then stop following it."""
+        with self._lock:
+            out = self._outputs.get(task_id)
+        deadline = time.monotonic() + timeout
+        while out is not None and out.has_pending() and time.monotonic() < deadline:
+            if not self._flush_one(out):
+                break
+        with self._lock:
+            self._outputs.pop(task_id, None)
+
+    def flush_all(self) -> None:
+        with self._lock:
+            outputs = list(self._outputs.values())
+        for out in outputs:
+            self._flush_one(out)
+
+    def _flush_one(self, out: TaskOutput) -> bool:
+        text = out.take_batch(self._batch)
+        if not text:
+            return True
+        try:
+            self._send(out.task_id, text)
+            return True
+        except Exception as exc:  # the pool may be down; the text goes back and is retried
+            out.give_back(text)
+            self.failures += 1
+            self._log.debug("output upload for %s failed: %s", out.task_id, exc,
+                            extra={"task_id": out.task_id, "event": "output.upload_failed"})
+            return False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.flush_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)

@@ -1,0 +1,1 @@
+"""Worker → pool side of the node pool protocol."""

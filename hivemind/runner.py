@@ -1,0 +1,262 @@
+"""One task's run, in its own thread: extract → prepare → start → wait → pack the result.
+
+The runner knows nothing about gRPC or the pool: it reports through the callbacks it is given
+(`advance` for state changes, `finished` with the packed result) and talks to its executor only
+through the narrow Executor interface. Stop requests arrive as an event; the runner turns them
+into `executor.stop(grace)` at whatever phase the task is in (a stop during pip install cancels it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hivemind import __version__
+from hivemind.archive import ArchiveRules, extract_task_archive, pack_result
+from hivemind.errors import HivemindError, TaskNotFound
+from hivemind.executors.base import (
+    Executor,
+    ExitReason,
+    ExitResult,
+    Limits,
+    PrepareCancelled,
+    TaskHandle,
+    TaskSpec,
+    Usage,
+)
+from hivemind.output import TaskOutput
+from hivemind.tasks.entry import discover_entry, find_requirements
+
+STATS_INTERVAL_S = 2.0
+
+
+@dataclass
+class RunnerPaths:
+    workspace: Path        # the task's cwd
+    output_log: Path
+    result_zip: Path
+
+
+@dataclass
+class RunnerResult:
+    exit: ExitResult
+    result_zip: Path
+    truncated: bool
+    record: dict[str, Any]
+
+
+@dataclass
+class UsageTracker:
+    last: Usage | None = None
+    peak_memory: int = 0
+    samples: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def add(self, u: Usage) -> None:
+        self.last = u
+        self.peak_memory = max(self.peak_memory, u.memory_bytes)
+
+
+class TaskRunner:
+    def __init__(self, task_id: str, *, executor: Executor, paths: RunnerPaths,
+                 archive: bytes | None, limits: Limits,
+                 labels: dict[str, str], node_id: str, rules: ArchiveRules, max_result_bytes: int,
+                 stop_grace_s: float, task_timeout_s: float, output: TaskOutput,
+                 advance: Callable[[str, str], None], started: Callable[[TaskHandle], None],
+                 finished: Callable[[RunnerResult], None], logger: logging.Logger,
+                 accepted_at: float, handle: TaskHandle | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.task_id = task_id
+        self._executor = executor
+        self._paths = paths
+        self._archive = archive
+        self._limits = limits
+        self._labels = labels
+        self._node_id = node_id
+        self._rules = rules
+        self._max_result = max_result_bytes
+        self._grace = stop_grace_s
+        self._timeout = task_timeout_s
+        self.output = output
+        self._advance = advance
+        self._started_cb = started
+        self._finished_cb = finished
+        self._log = logger
+        self._clock = clock
+        self._handle = handle            # set: reattach to a task an earlier daemon started
+        self.accepted_at = accepted_at
+        self.started_at: float | None = None
+        self.stop_requested = threading.Event()
+        self.stop_reason = ""
+        self.usage = UsageTracker()
+        self._thread = threading.Thread(target=self._run, name=f"task-{task_id}", daemon=True)
+        self._extra = {"task_id": task_id}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self, reason: str = "stopped by the pool") -> None:
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            self.stop_requested.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the run --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        result: ExitResult
+        try:
+            if self._handle is not None:
+                self._executor.recover(self._handle, self.output)
+                self.started_at = float(self._handle.state.get("started_at", self._clock()))
+                result = self._wait()
+            else:
+                result = self._fresh_run()
+        except TaskNotFound:
+            now = self._clock()
+            result = ExitResult(None, ExitReason.LOST, now, now,
+                                message="the worker restarted and nothing of the task was left")
+        except Exception as exc:
+            now = self._clock()
+            msg = str(exc) if isinstance(exc, HivemindError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, HivemindError):
+                self._log.exception("task %s failed in the worker", self.task_id,
+                                    extra={**self._extra, "event": "task.internal_error"})
+            result = ExitResult(None, ExitReason.FAILED_TO_START, self.started_at or now, now, message=msg)
+        self._finish(result)
+
+    def _fresh_run(self) -> ExitResult:
+        self._advance(self.task_id, "preparing")
+        ws = self._paths.workspace
+        ws.mkdir(parents=True, exist_ok=True)
+        assert self._archive is not None
+        extract_task_archive(self._archive, ws, self._rules)
+        self._archive = None  # the archive may be hundreds of MB: don't keep it for the whole run
+        entry = discover_entry(ws)
+        timeout = min(self._timeout, entry.timeout_s) if entry.timeout_s else self._timeout
+        limits = Limits(cpus=self._limits.cpus, memory_bytes=self._limits.memory_bytes,
+                        pids=self._limits.pids, timeout_s=timeout, tmpfs_bytes=self._limits.tmpfs_bytes,
+                        network=self._limits.network, gpu_devices=self._limits.gpu_devices)
+        spec = TaskSpec(task_id=self.task_id, workspace=ws, entry=entry, limits=limits,
+                        requirements=find_requirements(ws), labels=self._labels)
+        if self.stop_requested.is_set():
+            now = self._clock()
+            return ExitResult(None, ExitReason.STOPPED, now, now, message=self.stop_reason)
+        try:
+            # prepare() watches stop_requested itself, so a stop during pip install cancels it.
+            self._executor.prepare(spec, self.output, self.stop_requested)
+        except PrepareCancelled:
+            now = self._clock()
+            return ExitResult(None, ExitReason.STOPPED, now, now, message=self.stop_reason or "stopped")
+        if self.stop_requested.is_set():
+            now = self._clock()
+            return ExitResult(None, ExitReason.STOPPED, now, now, message=self.stop_reason)
+        self.started_at = self._clock()
+        handle = self._executor.start(spec, self.output)
+        self._handle = handle
+        self._started_cb(handle)
+        self._advance(self.task_id, "running")
+        self._log.info("task %s started (%s)", self.task_id, " ".join(entry.argv),
+                       extra={**self._extra, "event": "task.started"})
+        return self._wait()
+
+    def _wait(self) -> ExitResult:
+        next_stats = 0.0
+        stopping = False
+        while True:
+            res = self._executor.wait(self.task_id, timeout=0.5)
+            if res is not None:
+                if stopping and res.reason == ExitReason.EXITED:
+                    res = ExitResult(res.exit_code, ExitReason.STOPPED, res.started_at, res.finished_at,
+                                     res.peak_memory_bytes, res.cpu_seconds, self.stop_reason)
+                return res
+            if self.stop_requested.is_set() and not stopping:
+                stopping = True
+                self._log.info("stopping task %s: %s", self.task_id, self.stop_reason,
+                               extra={**self._extra, "event": "task.stopping"})
+                threading.Thread(target=self._executor.stop, args=(self.task_id, self._grace),
+                                 daemon=True).start()
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + STATS_INTERVAL_S
+                try:
+                    u = self._executor.stats(self.task_id)
+                except Exception:
+                    u = None
+                if u is not None:
+                    self.usage.add(u)
+
+    def finish_now(self, result: ExitResult) -> None:
+        """Pack and report `result` without running anything (a task reaped after a restart)."""
+        self._finish(result)
+
+    def _finish(self, result: ExitResult) -> None:
+        try:
+            self._executor.cleanup(self.task_id)
+        except Exception as exc:
+            self._log.warning("cleanup of %s failed: %s", self.task_id, exc,
+                              extra={**self._extra, "event": "task.cleanup_failed"})
+        self.output.close()
+        record = self.execution_record(result)
+        self._paths.result_zip.parent.mkdir(parents=True, exist_ok=True)
+        ws = self._paths.workspace if self._paths.workspace.is_dir() else None
+        try:
+            if ws is None:
+                ws = self._paths.workspace
+                ws.mkdir(parents=True, exist_ok=True)
+            summary = pack_result(ws, self._paths.result_zip, record,
+                                  self._paths.output_log if self._paths.output_log.exists() else None,
+                                  self._max_result)
+            truncated = summary.truncated
+        except Exception as exc:
+            self._log.exception("packing the result of %s failed", self.task_id,
+                                extra={**self._extra, "event": "task.pack_failed"})
+            record["message"] = (record.get("message") or "") + f"; result packing failed: {type(exc).__name__}"
+            _write_minimal_result(self._paths.result_zip, record, self._paths.output_log)
+            truncated = True
+        shutil.rmtree(self._paths.workspace, ignore_errors=True)
+        self._log.info("task %s ended: %s (exit code %s)", self.task_id, result.reason.value,
+                       result.exit_code, extra={**self._extra, "event": "task.ended"})
+        self._finished_cb(RunnerResult(result, self._paths.result_zip, truncated, record))
+
+    def execution_record(self, result: ExitResult) -> dict[str, Any]:
+        ok = result.reason == ExitReason.EXITED and result.exit_code == 0
+        return {
+            "task_id": self.task_id,
+            "status": "succeeded" if ok else "failed" if result.reason != ExitReason.STOPPED else "stopped",
+            "exit_code": result.exit_code,
+            "reason": result.reason.value,
+            "message": result.message,
+            "accepted_at": self.accepted_at,
+            "started_at": result.started_at or self.started_at,
+            "finished_at": result.finished_at,
+            "node_id": self._node_id,
+            "node_hostname": socket.gethostname(),
+            "worker_version": __version__,
+            "executor": self._executor.name,
+            "limits": {"cpus": self._limits.cpus, "memory_bytes": self._limits.memory_bytes,
+                       "pids": self._limits.pids},
+            "peak_memory_bytes": result.peak_memory_bytes or (self.usage.peak_memory or None),
+            "cpu_seconds": result.cpu_seconds,
+        }
+
+
+def _write_minimal_result(path: Path, record: dict[str, Any], output_log: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("_hivemind/execution.json", json.dumps(record, indent=2, default=str))
+        if output_log.exists():
+            zf.write(output_log, "_hivemind/output.log")

@@ -1,0 +1,372 @@
+"""The worker's task side: admission, one runner per task, durable state, results, recovery.
+
+It implements the gRPC service's TaskAcceptor (execute, stop) and knows nothing of sockets,
+signals or systemd (that is the daemon's job). All task state goes through the one Lifecycle;
+the store mirrors each transition, so a restarted worker knows what it had.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hivemind.archive import ArchiveRules
+from hivemind.config import Config
+from hivemind.errors import ArchiveRejected, TaskNotFound
+from hivemind.executors.base import Executor, ExitReason, ExitResult, Limits, TaskHandle
+from hivemind.output import OutputStreamer, TaskOutput
+from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
+from hivemind.server.service import Decision, ExecuteRequest
+from hivemind.tasks.ids import InvalidTaskId, describe_id, validate_task_id
+from hivemind.tasks.state import Lifecycle, Outcome, Resources, TaskRecord, TaskState
+from hivemind.tasks.store import TaskStore
+from hivemind.uploader import PendingResult, ResultUploader
+
+GIB = 1024 ** 3
+ACTIVE = (TaskState.ACCEPTED, TaskState.PREPARING, TaskState.RUNNING)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total_cpus: float
+    total_memory_bytes: int
+    reserve_cpus: float
+    reserve_memory_bytes: int
+    slots: int
+    gpus: tuple[str, ...]
+    cpu_score_per_core: float
+
+    def for_tasks(self) -> Resources:
+        return Resources(cpus=max(0.0, self.total_cpus - self.reserve_cpus),
+                         memory_bytes=max(0, self.total_memory_bytes - self.reserve_memory_bytes),
+                         gpus=self.gpus, slots=self.slots)
+
+
+def cpus_for_score(score: float, per_core: float, max_cpus: float) -> float:
+    """A requested CPU score in the pool's benchmark units → a CPU quota in cores.
+
+    cores = score / per_core_score, at least 0.1 core, at most what tasks may have; a request of
+    0 (the pool sends 0 when the user asked for nothing) gets one core."""
+    if score <= 0 or per_core <= 0:
+        return min(1.0, max_cpus)
+    return round(min(max(score / per_core, 0.1), max_cpus), 3)
+
+
+class Worker:
+    def __init__(self, cfg: Config, *, executor: Executor, lifecycle: Lifecycle, store: TaskStore,
+                 capacity: Capacity, logger: logging.Logger,
+                 upload_output: Callable[[str, str], None] | None = None,
+                 upload_result: Callable[[str, Path], None] | None = None,
+                 on_output_line: Callable[[str, Any], None] | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] = lambda name, info: None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.executor = executor
+        self.lifecycle = lifecycle
+        self.store = store
+        self.capacity = capacity
+        self._log = logger
+        self._clock = clock
+        self._on_output_line = on_output_line
+        self._on_event = on_event
+        self._rules = ArchiveRules.from_config(cfg.archive)
+        self._runners: dict[str, TaskRunner] = {}
+        self._finished: collections.OrderedDict[str, RunnerResult] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.draining = False
+        self._dirs = _Dirs(cfg.state_dir)
+        self.streamer = OutputStreamer(upload_output or (lambda tid, text: None),
+                                       cfg.pool.output_flush_interval_s,
+                                       cfg.pool.output_batch_max_kb * 1024, logger)
+        self.uploader = ResultUploader(upload_result or _no_pool, self._result_delivered, logger,
+                                       on_failure=lambda: on_event("upload_failed", {}), clock=clock)
+        lifecycle.subscribe(self._persist_transition)
+
+    # -- lifecycle of the worker ---------------------------------------------------------------
+    def start(self) -> None:
+        self._dirs.create()
+        self.streamer.start()
+        self.uploader.start()
+
+    def close(self) -> None:
+        self.streamer.flush_all()
+        self.streamer.stop()
+        self.uploader.stop()
+
+    # -- TaskAcceptor --------------------------------------------------------------------------
+    def execute(self, req: ExecuteRequest) -> Decision:
+        try:
+            task_id = validate_task_id(req.task_id)
+        except InvalidTaskId as exc:
+            return Decision(False, str(exc))
+        if self.draining:
+            return Decision(False, "worker is draining and takes no new tasks")
+        size = len(req.task_zip)
+        if size == 0:
+            return Decision(False, "task archive is empty")
+        if size > self._rules.max_archive_bytes:
+            return Decision(False, f"task archive of {size} bytes exceeds the cap of {self._rules.max_archive_bytes} bytes")
+        try:
+            from hivemind.archive import inspect_task_archive
+
+            inspect_task_archive(req.task_zip, self._rules)
+        except ArchiveRejected as exc:
+            self._log.info("task %s refused: %s", task_id, exc, extra={"task_id": task_id, "event": "task.refused"})
+            return Decision(False, f"archive rejected: {exc}")
+        request = self._request_for(req)
+        if isinstance(request, str):
+            return Decision(False, request)
+        gpu_count = 1 if (req.gpu_score > 0 or req.gpu_memory_gb > 0) else 0
+        if gpu_count and not self.capacity.gpus:
+            return Decision(False, "this node has no GPU")
+        adm = self.lifecycle.admit(task_id, request, gpu_count)
+        if not adm.ok:
+            rec = self.lifecycle.get(task_id)
+            if adm.duplicate and rec is not None and rec.state in ACTIVE:
+                return Decision(True, f"task {task_id} is already running here")
+            self._log.info("task %s not admitted: %s", task_id, adm.reason,
+                           extra={"task_id": task_id, "event": "task.not_admitted"})
+            return Decision(False, adm.reason)
+        granted = adm.granted or request
+        self.store.put_task(self.lifecycle.get(task_id))  # type: ignore[arg-type]
+        self._spawn(task_id, granted, req.task_zip, accepted_at=self._clock())
+        self._log.info("task %s accepted: %.2f CPUs, %d MiB, %d bytes archive", task_id, granted.cpus,
+                       granted.memory_bytes // (1024 * 1024), size,
+                       extra={"task_id": task_id, "event": "task.accepted"})
+        return Decision(True, "accepted")
+
+    def stop(self, task_id: str, peer: str = "") -> Decision:
+        try:
+            task_id = validate_task_id(task_id)
+        except InvalidTaskId:
+            return Decision(False, f"unknown task {describe_id(task_id)}")
+        with self._lock:
+            runner = self._runners.get(task_id)
+        if runner is None:
+            rec = self.lifecycle.get(task_id)
+            if rec is not None:
+                return Decision(True, f"task {task_id} already ended ({rec.state.value})")
+            return Decision(False, f"unknown task {task_id}")
+        runner.request_stop(f"stopped by {peer or 'the pool'}")
+        return Decision(True, f"stopping task {task_id}")
+
+    # -- runs ----------------------------------------------------------------------------------
+    def _request_for(self, req: ExecuteRequest) -> Resources | str:
+        cap = self.capacity.for_tasks()
+        for name, value in (("cpu_usage", req.cpu_score), ("gpu_usage", req.gpu_score)):
+            if not math.isfinite(value) or value < 0:
+                return f"{name} must be a finite number >= 0"
+        if req.memory_gb < 0 or req.gpu_memory_gb < 0:
+            return "memory_gb and gpu_memory_gb must be >= 0"
+        memory = (req.memory_gb or self.cfg.resources.default_memory_gb) * GIB
+        if memory > cap.memory_bytes:
+            return f"requested {req.memory_gb} GiB memory but this node gives tasks at most {cap.memory_bytes // GIB} GiB"
+        cpus = cpus_for_score(req.cpu_score, self.capacity.cpu_score_per_core, cap.cpus)
+        return Resources(cpus=cpus, memory_bytes=memory, slots=1)
+
+    def _limits(self, granted: Resources) -> Limits:
+        pc = self.cfg.executor.podman
+        return Limits(cpus=granted.cpus, memory_bytes=granted.memory_bytes, pids=pc.pids_limit,
+                      timeout_s=self.cfg.executor.task_timeout_s, tmpfs_bytes=pc.tmpfs_mb * 1024 * 1024,
+                      network=pc.network == "outbound",
+                      gpu_devices=tuple(f"nvidia.com/gpu={g}" for g in granted.gpus))
+
+    def _spawn(self, task_id: str, granted: Resources, archive: bytes | None, *, accepted_at: float,
+               handle: TaskHandle | None = None) -> TaskRunner:
+        paths = self._dirs.paths(task_id)
+        paths.workspace.parent.mkdir(parents=True, exist_ok=True)
+        output = TaskOutput(task_id, paths.output_log, self._on_output_line)
+        runner = TaskRunner(
+            task_id, executor=self.executor, paths=paths, archive=archive, limits=self._limits(granted),
+            labels={"hivemind.node_id": self.cfg.node_id}, node_id=self.cfg.node_id, rules=self._rules,
+            max_result_bytes=self._result_cap(), stop_grace_s=self.cfg.executor.stop_grace_s,
+            task_timeout_s=self.cfg.executor.task_timeout_s, output=output,
+            advance=self._advance, started=lambda h: self._started(task_id, h),
+            finished=self._finished_run, logger=self._log, accepted_at=accepted_at, handle=handle,
+            clock=self._clock)
+        with self._lock:
+            self._runners[task_id] = runner
+        self.streamer.add(output)
+        runner.start()
+        return runner
+
+    def _result_cap(self) -> int:
+        return self.cfg.archive.max_result_mb * 1024 * 1024
+
+    def _advance(self, task_id: str, state: str) -> None:
+        self.lifecycle.advance(task_id, TaskState(state), executor=self.executor.name)
+
+    def _started(self, task_id: str, handle: TaskHandle) -> None:
+        self.store.save_handle(task_id, handle)
+
+    def _finished_run(self, res: RunnerResult) -> None:
+        task_id = res.record["task_id"]
+        self.streamer.finish(task_id)
+        outcome = _outcome(res.exit)
+        self.store.mark_result_pending(task_id, res.result_zip)
+        rec = self.lifecycle.advance(task_id, TaskState.UPLOADING, outcome=outcome,
+                                     exit_code=res.exit.exit_code, reason=res.exit.reason.value,
+                                     message=res.exit.message[:500])
+        with self._lock:
+            self._runners.pop(task_id, None)
+            self._finished[task_id] = res
+            while len(self._finished) > 200:
+                self._finished.popitem(last=False)
+        self._on_event("task_finished", {"task_id": task_id, "duration": (res.exit.finished_at or 0) - (res.exit.started_at or 0),
+                                         "record": res.record})
+        not_before = rec.accepted_at + self.cfg.pool.result_min_delay_s
+        self.uploader.submit(PendingResult(task_id, res.result_zip, not_before))
+
+    def _result_delivered(self, task_id: str) -> None:
+        rec = self.lifecycle.get(task_id)
+        if rec is not None and rec.state is TaskState.UPLOADING:
+            final = {Outcome.SUCCEEDED: TaskState.DONE, Outcome.STOPPED: TaskState.STOPPED}.get(
+                rec.outcome or Outcome.FAILED, TaskState.FAILED)
+            self.lifecycle.advance(task_id, final)
+        self.store.result_acknowledged(task_id)
+        shutil.rmtree(self._dirs.task_dir(task_id), ignore_errors=True)
+
+    def _persist_transition(self, task_id: str, old: TaskState | None, new: TaskState) -> None:
+        rec = self.lifecycle.get(task_id)
+        if rec is None or old is None:
+            return
+        self.store.update_state(task_id, new, exit_code=rec.exit_code, reason=rec.reason,
+                                message=rec.message, outcome=rec.outcome.value if rec.outcome else None,
+                                executor=rec.executor, started_at=rec.started_at,
+                                finished_at=rec.finished_at)
+        self._on_event("state", {"task_id": task_id, "old": old, "new": new})
+
+    # -- recovery ------------------------------------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """After a restart: reattach or reap the tasks the store knows, requeue pending results,
+        remove orphans (labelled containers/processes and workspaces nobody owns)."""
+        counts = {"reattached": 0, "reaped": 0, "results_requeued": 0, "orphans_removed": 0}
+        records = self.store.tasks()
+        self.lifecycle.restore([r.record for r in records])
+        for stored in records:
+            rec = stored.record
+            if rec.state in ACTIVE:
+                if stored.handle is not None and rec.state is TaskState.RUNNING:
+                    self._spawn(rec.task_id, rec.granted, None, accepted_at=rec.accepted_at,
+                                handle=stored.handle)
+                    counts["reattached"] += 1
+                    self._log.info("reattaching task %s", rec.task_id,
+                                   extra={"task_id": rec.task_id, "event": "task.reattach"})
+                else:
+                    self._reap(rec, "the worker restarted before the task started")
+                    counts["reaped"] += 1
+        for task_id, path in self.store.pending_results():
+            rec = self.lifecycle.get(task_id)
+            accepted = rec.accepted_at if rec else 0.0
+            self.uploader.submit(PendingResult(task_id, path, accepted + self.cfg.pool.result_min_delay_s))
+            counts["results_requeued"] += 1
+        with self._lock:
+            live = set(self._runners)
+        for orphan in self.executor.orphans():
+            if orphan not in live:
+                self._log.warning("removing orphan task %s left by the executor", orphan,
+                                  extra={"task_id": orphan, "event": "task.orphan_removed"})
+                with contextlib.suppress(TaskNotFound):
+                    self.executor.stop(orphan, 0)
+                self.executor.cleanup(orphan)
+                counts["orphans_removed"] += 1
+        pending = {tid for tid, _ in self.store.pending_results()}
+        for d in self._dirs.tasks_root.iterdir() if self._dirs.tasks_root.exists() else []:
+            if d.name not in live and d.name not in pending:
+                shutil.rmtree(d, ignore_errors=True)
+        if any(counts.values()):
+            self._log.info("recovery: %s", ", ".join(f"{k}={v}" for k, v in counts.items()),
+                           extra={"event": "worker.recovered"})
+        return counts
+
+    def _reap(self, rec: TaskRecord, why: str) -> None:
+        """A task that can't continue: pack what is left into a failure result and upload it."""
+        now = self._clock()
+        paths = self._dirs.paths(rec.task_id)
+        paths.workspace.parent.mkdir(parents=True, exist_ok=True)
+        output = TaskOutput(rec.task_id, paths.output_log)
+        runner = TaskRunner(
+            rec.task_id, executor=self.executor, paths=paths, archive=None,
+            limits=self._limits(rec.granted), labels={}, node_id=self.cfg.node_id, rules=self._rules,
+            max_result_bytes=self._result_cap(), stop_grace_s=0, task_timeout_s=1, output=output,
+            advance=self._advance, started=lambda h: None, finished=self._finished_run,
+            logger=self._log, accepted_at=rec.accepted_at, clock=self._clock)
+        with self._lock:
+            self._runners[rec.task_id] = runner
+        runner.finish_now(ExitResult(None, ExitReason.LOST, rec.started_at or now, now, message=why))
+
+    # -- reading -------------------------------------------------------------------------------
+    def runners(self) -> list[TaskRunner]:
+        with self._lock:
+            return list(self._runners.values())
+
+    def runner(self, task_id: str) -> TaskRunner | None:
+        with self._lock:
+            return self._runners.get(task_id)
+
+    def finished_result(self, task_id: str) -> RunnerResult | None:
+        with self._lock:
+            return self._finished.get(task_id)
+
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._runners)
+
+    def is_idle(self) -> bool:
+        """Whether the pool may send one more task: the pool dispatches only to `Idle` nodes."""
+        if self.draining:
+            return False
+        free = self.lifecycle.free()
+        return free.slots >= 1 and free.cpus >= 0.1 and free.memory_bytes >= self.cfg.resources.default_memory_gb * GIB
+
+    def drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self._log.info("draining: no new tasks", extra={"event": "worker.draining"})
+
+    def stop_all(self, reason: str) -> None:
+        for r in self.runners():
+            r.request_stop(reason)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(r.join(max(0.0, deadline - time.monotonic())) for r in self.runners())
+
+
+def _outcome(res: ExitResult) -> Outcome:
+    if res.reason == ExitReason.STOPPED:
+        return Outcome.STOPPED
+    if res.reason == ExitReason.EXITED and res.exit_code == 0:
+        return Outcome.SUCCEEDED
+    return Outcome.FAILED
+
+
+def _no_pool(task_id: str, path: Path) -> None:
+    raise OSError("no pool configured")
+
+
+class _Dirs:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.tasks_root = state_dir / "tasks"
+
+    def create(self) -> None:
+        self.tasks_root.mkdir(parents=True, exist_ok=True)
+        self.tasks_root.chmod(0o711)
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.tasks_root / task_id
+
+    def paths(self, task_id: str) -> RunnerPaths:
+        d = self.task_dir(task_id)
+        return RunnerPaths(workspace=d / "workspace", output_log=d / "output.log",
+                           result_zip=d / "result.zip")

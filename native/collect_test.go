@@ -1,0 +1,181 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+)
+
+func write(t *testing.T, root, rel, body string) {
+	t.Helper()
+	p := filepath.Join(root, rel)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func fixture(t *testing.T) *Collector {
+	root := t.TempDir()
+	write(t, root, "proc/stat", "cpu  100 0 100 700 100 0 0 0 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\ncpu1 1 2 3 4 5 6 7 8 9 10\nintr 1 2\n")
+	write(t, root, "proc/meminfo", "MemTotal:       2048 kB\nMemFree: 1 kB\nMemAvailable:   1024 kB\nSwapTotal: 10 kB\nSwapFree: 5 kB\n")
+	write(t, root, "proc/loadavg", "0.50 1.25 12.07 1/101 8500\n")
+	write(t, root, "sys/devices/system/cpu/online", "0-3,8,10-11\n")
+	c := NewCollector()
+	c.ProcRoot, c.SysRoot, c.CgroupRoot = root+"/proc", root+"/sys", root+"/cg"
+	c.loadFromProc = true
+	return c
+}
+
+func TestCollectParsesProcFiles(t *testing.T) {
+	c := fixture(t)
+	var s Snapshot
+	if err := c.Collect(t.TempDir(), "", &s); err != nil {
+		t.Fatal(err)
+	}
+	if s.CPUCount != 2 {
+		t.Errorf("cpu count %d, want 2 (the cpuN lines of /proc/stat)", s.CPUCount)
+	}
+	// total 1000 ticks (guest excluded), idle+iowait 800: busy 0.2 since boot.
+	if s.CPUBusy < 0.199 || s.CPUBusy > 0.201 {
+		t.Errorf("busy %v, want 0.2", s.CPUBusy)
+	}
+	if s.MemTotal != 2048*1024 || s.MemAvailable != 1024*1024 || s.SwapTotal != 10240 || s.SwapFree != 5120 {
+		t.Errorf("memory %+v", s)
+	}
+	if s.Load1 != 0.5 || s.Load5 != 1.25 || s.Load15 < 12.069 || s.Load15 > 12.071 {
+		t.Errorf("load %v %v %v", s.Load1, s.Load5, s.Load15)
+	}
+	if s.DiskTotal == 0 || s.DiskFree > s.DiskTotal {
+		t.Errorf("disk %d/%d", s.DiskFree, s.DiskTotal)
+	}
+	if s.CgroupFound {
+		t.Error("cgroup found though none was asked for")
+	}
+}
+
+func TestBusyIsSincePreviousCall(t *testing.T) {
+	c := fixture(t)
+	var s Snapshot
+	if err := c.Collect("/", "", &s); err != nil {
+		t.Fatal(err)
+	}
+	// 100 more ticks, all busy.
+	write(t, filepath.Dir(c.ProcRoot), "proc/stat", "cpu  200 0 100 700 100 0 0 0 50 0\ncpu0 1\nintr 0\n")
+	if err := c.Collect("/", "", &s); err != nil {
+		t.Fatal(err)
+	}
+	if s.CPUBusy != 1.0 {
+		t.Errorf("busy %v, want 1.0", s.CPUBusy)
+	}
+}
+
+func TestCgroupV2(t *testing.T) {
+	c := fixture(t)
+	cg := c.CgroupRoot
+	write(t, cg, "cgroup.controllers", "cpu memory pids\n")
+	write(t, cg, "task/cgroup.procs", "42\n")
+	write(t, cg, "task/cpu.stat", "usage_usec 1500\nuser_usec 1000\n")
+	write(t, cg, "task/memory.current", "4096\n")
+	write(t, cg, "task/memory.max", "max\n")
+	write(t, cg, "task/pids.current", "3\n")
+	write(t, cg, "task/pids.max", "64\n")
+	var s Snapshot
+	if err := c.Collect("/", "/task/", &s); err != nil {
+		t.Fatal(err)
+	}
+	want := Snapshot{CgroupVersion: 2, CgroupFound: true, CgCPUUsageNs: 1500000, CgMemCurrent: 4096,
+		CgPidsCurrent: 3, CgPidsLimit: 64}
+	got := Snapshot{CgroupVersion: s.CgroupVersion, CgroupFound: s.CgroupFound, CgCPUUsageNs: s.CgCPUUsageNs,
+		CgMemCurrent: s.CgMemCurrent, CgMemPeak: s.CgMemPeak, CgMemLimit: s.CgMemLimit,
+		CgPidsCurrent: s.CgPidsCurrent, CgPidsLimit: s.CgPidsLimit}
+	if got != want {
+		t.Errorf("got %+v\nwant %+v", got, want)
+	}
+	if err := c.Collect("/", "/gone", &s); err != nil || s.CgroupFound {
+		t.Errorf("missing cgroup: err %v found %v", err, s.CgroupFound)
+	}
+	if err := c.Collect("/", "/../etc", &s); err == nil {
+		t.Error("'..' accepted")
+	}
+}
+
+func TestCgroupV1(t *testing.T) {
+	c := fixture(t)
+	cg := c.CgroupRoot
+	write(t, cg, "memory/task/cgroup.procs", "42\n")
+	write(t, cg, "memory/task/memory.usage_in_bytes", "8192\n")
+	write(t, cg, "memory/task/memory.max_usage_in_bytes", "16384\n")
+	write(t, cg, "memory/task/memory.limit_in_bytes", "9223372036854771712\n")
+	write(t, cg, "cpuacct/task/cpuacct.usage", "123456789\n")
+	write(t, cg, "pids/task/pids.current", "5\n")
+	write(t, cg, "pids/task/pids.max", "max\n")
+	var s Snapshot
+	if err := c.Collect("/", "task", &s); err != nil {
+		t.Fatal(err)
+	}
+	if !s.CgroupFound || s.CgroupVersion != 1 || s.CgMemCurrent != 8192 || s.CgMemPeak != 16384 ||
+		s.CgMemLimit != 0 || s.CgCPUUsageNs != 123456789 || s.CgPidsCurrent != 5 || s.CgPidsLimit != 0 {
+		t.Errorf("got %+v", s)
+	}
+}
+
+func TestErrorsName(t *testing.T) {
+	c := fixture(t)
+	var s Snapshot
+	if err := c.Collect("/nonexistent/disk", "", &s); err == nil {
+		t.Error("statfs of a missing path succeeded")
+	}
+}
+
+// Many snapshots must not grow the heap: the per-call garbage is small and collected.
+func TestCollectDoesNotLeak(t *testing.T) {
+	c := NewCollector()
+	var s Snapshot
+	var before, after runtime.MemStats
+	for i := 0; i < 1000; i++ {
+		_ = c.Collect("/", "/", &s)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := 0; i < 20000; i++ {
+		if err := c.Collect("/", "/", &s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if after.HeapAlloc > before.HeapAlloc+256*1024 {
+		t.Errorf("heap grew from %d to %d", before.HeapAlloc, after.HeapAlloc)
+	}
+}
+
+func TestCPUCountFallsBackToSysfsWhenStatIsCut(t *testing.T) {
+	c := fixture(t)
+	write(t, filepath.Dir(c.ProcRoot), "proc/stat", "cpu  1 0 1 7 1 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\ncpu1 1 2")
+	var s Snapshot
+	if err := c.Collect("/", "", &s); err != nil {
+		t.Fatal(err)
+	}
+	if s.CPUCount != 7 {
+		t.Errorf("cpu count %d, want 7 (from 0-3,8,10-11)", s.CPUCount)
+	}
+}
+
+func TestSysinfoLoadMatchesProc(t *testing.T) {
+	c := NewCollector()
+	var a, b Snapshot
+	if err := c.load(&a); err != nil {
+		t.Fatal(err)
+	}
+	c.loadFromProc = true
+	if err := c.load(&b); err != nil {
+		t.Fatal(err)
+	}
+	if d := a.Load1 - b.Load1; d > 0.05 || d < -0.05 {
+		t.Errorf("sysinfo load1 %v vs /proc/loadavg %v", a.Load1, b.Load1)
+	}
+}

@@ -1,0 +1,3 @@
+module hivemind/native
+
+go 1.19
