@@ -211,14 +211,16 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any], problem
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: got {value!r}; expected a number")
             return value
+        shown = value  # echo what the operator wrote (60, not 60.0)
         value = float(value)
     elif tp is str and not isinstance(value, str):
         problems.append(f"{key}: got {value!r}; expected a string")
         return value
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            problems.append(f"{key}: {value!r} is out of range; allowed {lo} to {hi}")
+    shown = locals().get("shown", value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            (lo is not None and value < lo) or (hi is not None and value > hi)):
+        problems.append(f"{key}: {shown!r} is out of range; allowed {lo:g} to {hi:g}")
     if choices and value not in choices:
         problems.append(f"{key}: {value!r} is not allowed; choose one of {', '.join(choices)}")
     return value

@@ -105,7 +105,7 @@ class Daemon:
         self.gpus = gpus
         self.executor, self.executor_status = select_executor(cfg, self.log)
         cores = snap.cpu_count
-        capacity = Capacity(total_cpus=float(cores), total_memory_bytes=int(snap.mem_total),
+        capacity = Capacity(total_cpus=float(cores), total_memory_bytes=int(snap.memory_total),
                             reserve_cpus=cfg.resources.reserve_cpus,
                             reserve_memory_bytes=int(cfg.resources.reserve_memory_gb * GIB),
                             slots=cfg.executor.slots or cores,
@@ -273,21 +273,20 @@ class Daemon:
         try:
             snap = self.metrics.snapshot(str(self.cfg.state_dir))
             self.view_state.machine.cpu_percent = 100.0 * float(snap.cpu_busy)
-            self.view_state.machine.memory_used = int(snap.mem_total - snap.mem_available)
+            self.view_state.machine.memory_used = int(snap.memory_total - snap.memory_available)
         except Exception as exc:
             self.log.debug("metrics snapshot failed: %s", exc)
         cap = self.worker.capacity
         reserved = self.lifecycle.reserved()
-        free = self.lifecycle.free()
         counts: dict[str, int] = {}
         for rec in self.lifecycle.tasks():
             counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
         self.prom.task_state(counts)
         self.prom.results_pending(self.uploader_pending())
         self.prom.resources(total_cpus=cap.total_cpus, reserved_cpus=cap.reserve_cpus, allocated_cpus=reserved.cpus,
-                            free_cpus=free.cpus, total_mem=cap.total_memory_bytes,
+                            total_mem=cap.total_memory_bytes,
                             reserved_mem=cap.reserve_memory_bytes, allocated_mem=reserved.memory_bytes,
-                            free_mem=free.memory_bytes, used_mem=self.view_state.machine.memory_used,
+                            used_mem=self.view_state.machine.memory_used,
                             cpu_usage=self.view_state.machine.cpu_percent / 100.0)
         self.prom.slots(cap.slots, reserved.slots)
         self.prom.draining(self.worker.draining)

@@ -28,7 +28,7 @@ from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
 from hivemind.server.service import Decision, ExecuteRequest
 from hivemind.tasks.ids import InvalidTaskId, describe_id, validate_task_id
 from hivemind.tasks.state import Lifecycle, Outcome, Resources, TaskRecord, TaskState
-from hivemind.tasks.store import TaskStore
+from hivemind.tasks.store import TaskStore, follow, restore_lifecycle
 from hivemind.uploader import PendingResult, ResultUploader
 
 GIB = 1024 ** 3
@@ -89,7 +89,8 @@ class Worker:
                                        cfg.pool.output_batch_max_kb * 1024, logger)
         self.uploader = ResultUploader(upload_result or _no_pool, self._result_delivered, logger,
                                        on_failure=lambda: on_event("upload_failed", {}), clock=clock)
-        lifecycle.subscribe(self._persist_transition)
+        follow(lifecycle, store)  # every transition is persisted before anything else sees it
+        lifecycle.subscribe(self._transition_event)
 
     # -- lifecycle of the worker ---------------------------------------------------------------
     def start(self) -> None:
@@ -137,7 +138,6 @@ class Worker:
                            extra={"task_id": task_id, "event": "task.not_admitted"})
             return Decision(False, adm.reason)
         granted = adm.granted or request
-        self.store.put_task(self.lifecycle.get(task_id))  # type: ignore[arg-type]
         self._spawn(task_id, granted, req.task_zip, accepted_at=self._clock())
         self._log.info("task %s accepted: %.2f CPUs, %d MiB, %d bytes archive", task_id, granted.cpus,
                        granted.memory_bytes // (1024 * 1024), size,
@@ -235,14 +235,7 @@ class Worker:
         self.store.result_acknowledged(task_id)
         shutil.rmtree(self._dirs.task_dir(task_id), ignore_errors=True)
 
-    def _persist_transition(self, task_id: str, old: TaskState | None, new: TaskState) -> None:
-        rec = self.lifecycle.get(task_id)
-        if rec is None or old is None:
-            return
-        self.store.update_state(task_id, new, exit_code=rec.exit_code, reason=rec.reason,
-                                message=rec.message, outcome=rec.outcome.value if rec.outcome else None,
-                                executor=rec.executor, started_at=rec.started_at,
-                                finished_at=rec.finished_at)
+    def _transition_event(self, task_id: str, old: TaskState | None, new: TaskState) -> None:
         self._on_event("state", {"task_id": task_id, "old": old, "new": new})
 
     # -- recovery ------------------------------------------------------------------------------
@@ -250,8 +243,7 @@ class Worker:
         """After a restart: reattach or reap the tasks the store knows, requeue pending results,
         remove orphans (labelled containers/processes and workspaces nobody owns)."""
         counts = {"reattached": 0, "reaped": 0, "results_requeued": 0, "orphans_removed": 0}
-        records = self.store.tasks()
-        self.lifecycle.restore([r.record for r in records])
+        records = restore_lifecycle(self.lifecycle, self.store)
         for stored in records:
             rec = stored.record
             if rec.state in ACTIVE:
@@ -265,8 +257,8 @@ class Worker:
                     self._reap(rec, "the worker restarted before the task started")
                     counts["reaped"] += 1
         for task_id, path in self.store.pending_results():
-            rec = self.lifecycle.get(task_id)
-            accepted = rec.accepted_at if rec else 0.0
+            known = self.lifecycle.get(task_id)
+            accepted = known.accepted_at if known else 0.0
             self.uploader.submit(PendingResult(task_id, path, accepted + self.cfg.pool.result_min_delay_s))
             counts["results_requeued"] += 1
         with self._lock:

@@ -18,6 +18,7 @@ from hivemind.executors.base import TaskSpec
 WORKSPACE = "/workspace"
 PYCACHE_MOUNT = "/opt/hivemind/pydeps"
 CPU_PERIOD_US = 100_000
+TMP = "/tmp"  # noqa: S108 - the container's own private tmpfs, not the host's /tmp
 
 LABEL_MANAGED = "hivemind.managed"
 LABEL_NODE = "hivemind.node_id"
@@ -126,7 +127,7 @@ class ContainerSpec:
 
 
 def _common_env(spec_env: Mapping[str, str]) -> dict[str, str]:
-    env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "LANG": "C.UTF-8"}
+    env = {"HOME": TMP, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "LANG": "C.UTF-8"}
     env.update(spec_env)
     return env
 
@@ -138,7 +139,7 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
     lim = spec.limits
     env = _common_env(spec.env)
     mounts = [Mount("bind", WORKSPACE, str(spec.workspace)),
-              Mount("tmpfs", "/tmp", size_bytes=min(lim.tmpfs_bytes, cfg.tmpfs_mb * 1024 * 1024),
+              Mount("tmpfs", TMP, size_bytes=min(lim.tmpfs_bytes, cfg.tmpfs_mb * 1024 * 1024),
                     mode="1777")]
     if pydeps_dir is not None:
         mounts.append(Mount("bind", PYCACHE_MOUNT, pydeps_dir, read_only=True))
@@ -189,11 +190,11 @@ def build_prepare_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *, rootl
     labels = dict(base.labels)
     labels[LABEL_ROLE] = "prepare"
     mounts = (Mount("bind", WORKSPACE, str(spec.workspace), read_only=True),
-              Mount("tmpfs", "/tmp", size_bytes=1024 * 1024 * 1024, mode="1777"),
+              Mount("tmpfs", TMP, size_bytes=1024 * 1024 * 1024, mode="1777"),
               Mount("bind", PYCACHE_MOUNT, build_dir))
     return ContainerSpec(
         name=container_name(node_id, spec.task_id, "prepare"),
-        image=cfg.image, command=command, user=f"{uid}:{gid}", workdir="/tmp",
+        image=cfg.image, command=command, user=f"{uid}:{gid}", workdir=TMP,
         env=_common_env({}), labels=labels, mounts=mounts,
         network_mode="host" if rootless else "bridge",
         read_only=True, cap_drop=("ALL",), no_new_privileges=True,

@@ -6,6 +6,7 @@ Everything returned is a plain typed value. Errors become `TaskNotFound` (no suc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Iterator, Mapping
@@ -85,10 +86,10 @@ class PodmanAdapter:
         self._client = PodmanClient(base_url=uri, timeout=timeout)
 
     def close(self) -> None:
-        self._client.close()
+        self._client.close()  # type: ignore[no-untyped-call]
 
     def version(self) -> str:
-        info: dict[str, Any] = self._client.version()
+        info: dict[str, Any] = self._client.version()  # type: ignore[no-untyped-call]
         return str(info.get("Version", "?"))
 
     def image_id(self, image: str) -> str | None:
@@ -140,11 +141,9 @@ class PodmanAdapter:
 
     def remove(self, ref: str) -> None:
         """Force-remove with its anonymous volumes; a missing container is fine."""
-        try:
+        with contextlib.suppress(TaskNotFound):
             self._call("remove", ref, "delete", f"/containers/{ref}",
                        {"force": True, "v": True, "timeout": 0})
-        except TaskNotFound:
-            pass
 
     def inspect(self, ref: str) -> ContainerState:
         data: dict[str, Any] = self._call("inspect", ref, "get", f"/containers/{ref}/json").json()

@@ -70,7 +70,7 @@ class PodmanService:
         self._start_timeout = start_timeout_s
         self._euid = euid
         self._proc: subprocess.Popen[bytes] | None = None
-        self._err: IO[bytes] = tempfile.TemporaryFile()
+        self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the service
         self._uri: str | None = None
 
     @property
@@ -142,7 +142,7 @@ class PodmanService:
         argv = [self._bin, "system", "service", "--time=0", f"unix://{path}"]
         self._log.info("starting podman service", extra={"socket": path})
         # A file, not a pipe: a long-lived service would block once a pipe nobody reads fills.
-        self._err = tempfile.TemporaryFile()
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=self._err,
                                 start_new_session=True, **kwargs)  # type: ignore[call-overload]

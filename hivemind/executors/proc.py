@@ -119,6 +119,10 @@ class FileTailer(threading.Thread):
         self.last_lines: collections.deque[str] = collections.deque(maxlen=keep_last)
 
     @property
+    def stream(self) -> str:
+        return self._stream
+
+    @property
     def offset(self) -> int:
         return self._offset
 
@@ -248,6 +252,23 @@ def find_marked(env_key: str, value: str, uid: int | None) -> list[int]:
         if needle in env.split(b"\0"):
             found.append(int(name))
     return found
+
+
+def kill_by_cwd(prefix: Path) -> list[int]:
+    """SIGKILL processes whose cwd lies under `prefix`: a build whose daemon crashed left them."""
+    killed: list[int] = []
+    root = str(prefix)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{name}/cwd")
+            if cwd == root or cwd.startswith(root + "/"):
+                os.kill(int(name), signal.SIGKILL)
+                killed.append(int(name))
+        except OSError:
+            continue
+    return killed
 
 
 def process_start_time(pid: int) -> float | None:

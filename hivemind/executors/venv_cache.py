@@ -30,7 +30,15 @@ from pathlib import Path
 
 from hivemind.errors import HivemindError
 from hivemind.executors.base import OutputLine, OutputSink, PrepareCancelled
-from hivemind.executors.proc import LineSplitter, TaskUser, chown_tree, emit, signal_group, strip_group_other_write
+from hivemind.executors.proc import (
+    LineSplitter,
+    TaskUser,
+    chown_tree,
+    emit,
+    kill_by_cwd,
+    signal_group,
+    strip_group_other_write,
+)
 
 _POLL_S = 0.05
 
@@ -133,6 +141,10 @@ class VenvCache:
 
     def _remove_stale_builds(self, key: str) -> None:
         for stale in self.root.glob(f".build-{key}-*"):
+            # We hold the lock, so its builder is dead; its pip may still run (own session).
+            killed = kill_by_cwd(stale)
+            if killed:
+                self._log.warning("killed %d process(es) left by a crashed venv build", len(killed))
             shutil.rmtree(stale, ignore_errors=True)
 
     def _build(self, key: str, content: bytes | None, final: Path, sink: OutputSink,
@@ -196,7 +208,8 @@ class VenvCache:
     def _pump(self, proc: subprocess.Popen[bytes], sink: OutputSink) -> None:
         assert proc.stdout is not None
         split = LineSplitter()
-        while chunk := proc.stdout.read1(65536):
+        fd = proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
             emit(sink, "prepare", split.feed(chunk), self._wall, self._log)
         emit(sink, "prepare", split.flush(), self._wall, self._log)
 

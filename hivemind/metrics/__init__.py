@@ -3,8 +3,14 @@
 `open_metrics()` picks the backend; both return the same `Snapshot` dataclasses.
 """
 
-from hivemind.metrics.model import CgroupStats, Snapshot
-from hivemind.metrics.native import MetricsError, MetricsSource, MetricsUnavailable, open_metrics
+from hivemind.metrics.model import (
+    CgroupStats,
+    MetricsError,
+    MetricsSource,
+    MetricsUnavailable,
+    Snapshot,
+)
+from hivemind.metrics.native import open_metrics
 
 __all__ = ["CgroupStats", "MetricsError", "MetricsSource", "MetricsUnavailable", "Snapshot",
            "open_metrics"]

@@ -85,10 +85,10 @@ class PoolClient:
         self._clock = clock
         max_bytes = cfg.max_result_message_mb * 1024 * 1024 + 1024 * 1024
         self._channel = channel or make_channel(cfg, max_bytes)
-        self._users = pb2_grpc.UserServiceStub(self._channel)
-        self._nodes = pb2_grpc.NodeManagerServiceStub(self._channel)
-        self._worker = pb2_grpc.WorkerNodeServiceStub(self._channel)
-        self._results = ext_grpc.ResultTransferStub(self._channel)
+        self._users = pb2_grpc.UserServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._nodes = pb2_grpc.NodeManagerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._worker = pb2_grpc.WorkerNodeServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._results = ext_grpc.ResultTransferStub(self._channel)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
         self._token: str | None = None
         self._token_exp: float | None = None

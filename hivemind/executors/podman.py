@@ -1,0 +1,540 @@
+"""The Podman executor: one container per task, driven through the Podman API service.
+
+Task life cycle (one `_Run` per task, all state changes under `_lock`):
+
+    prepare (pip container, optional) -> start: create -> inspect (what was applied) -> start
+        -> monitor thread: logs --follow -> sink ... container exits -> wait -> inspect -> result
+    stop: podman stop (SIGTERM, grace, SIGKILL)    timeout timer: the same, reason TIMED_OUT
+    recover: running -> reattach logs from the handle's start time; exited -> collect state
+    cleanup: force-remove task and prepare containers (idempotent)
+
+Limits are checked, never assumed: after create the container is inspected, and a limit Podman
+did not apply (rootless on cgroup v1 applies none) is logged and reported by `probe()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hivemind.config import PodmanConfig
+from hivemind.errors import ExecutorUnavailable, HivemindError, TaskNotFound
+from hivemind.executors.base import (
+    Enforcement,
+    Entry,
+    ExecutorStatus,
+    ExitReason,
+    ExitResult,
+    Limits,
+    OutputLine,
+    OutputSink,
+    PrepareCancelled,
+    TaskHandle,
+    TaskSpec,
+    Usage,
+)
+from hivemind.executors.container_spec import (
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_ROLE,
+    LABEL_TASK,
+    ContainerSpec,
+    build_container_spec,
+    build_prepare_spec,
+    container_name,
+    parse_user,
+)
+from hivemind.executors.podman_adapter import (
+    ContainerState,
+    LogFrame,
+    PodmanAdapter,
+    PodmanError,
+    _epoch,
+)
+from hivemind.executors.podman_service import PodmanService
+
+HANDLE_VERSION = 1
+CGROUP_V1_ROOTS = ("/sys/fs/cgroup/memory/libpod_parent/libpod-{id}",
+                   "/sys/fs/cgroup/memory/machine.slice/libpod-{id}.scope")
+
+
+class PrepareFailed(HivemindError):
+    """Installing requirements.txt failed; the message says how (pip's output went to the sink)."""
+
+
+@dataclass
+class _Run:
+    task_id: str
+    container_id: str
+    started_at: float
+    timeout_s: float
+    memory_limit: int                   # as applied (0: none)
+    sink: OutputSink
+    done: threading.Event = field(default_factory=threading.Event)
+    result: ExitResult | None = None
+    stop_requested: bool = False
+    timed_out: bool = False
+    peak_memory: int | None = None
+    cpu_ns: int | None = None
+    last_cpu: tuple[float, int] | None = None
+    timer: threading.Timer | None = None
+
+
+def _lines(frames: Iterator[LogFrame], now: Callable[[], float]) -> Iterator[OutputLine]:
+    """Log frames (each prefixed with podman's timestamp) as whole lines per stream."""
+    partial: dict[str, str] = {}
+    for frame in frames:
+        text = frame.data.decode("utf-8", errors="replace")
+        stamp, sep, body = text.partition(" ")
+        ts = _epoch(stamp) if sep else None
+        if ts is None:
+            body, ts = text, now()
+        buf = partial.pop(frame.stream, "") + body
+        *complete, rest = buf.split("\n")
+        for line in complete:
+            yield OutputLine(ts, frame.stream, line)
+        if rest:
+            partial[frame.stream] = rest
+    for stream, rest in partial.items():
+        yield OutputLine(now(), stream, rest)
+
+
+class PodmanExecutor:
+    name = "podman"
+
+    def __init__(self, cfg: PodmanConfig, node_id: str, state_dir: Path, logger: logging.Logger,
+                 prepare_timeout_s: float, *, service: PodmanService | None = None,
+                 clock: Callable[[], float] = time.time, wait_interval: str = "10ms") -> None:
+        self._cfg = cfg
+        self._node = node_id
+        self._state_dir = Path(state_dir)
+        self._log = logger
+        self._prepare_timeout = prepare_timeout_s
+        self._service = service or PodmanService(cfg, logger)
+        self._clock = clock
+        self._interval = wait_interval
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._adapter: PodmanAdapter | None = None
+        self._enforcement: Enforcement | None = None
+        self._uid, self._gid = parse_user(cfg.user)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def rootless(self) -> bool:
+        return self._service.rootless
+
+    def _api(self) -> PodmanAdapter:
+        uri = self._service.ensure()
+        with self._lock:
+            if self._adapter is None or self._adapter.uri != uri:
+                self._adapter = PodmanAdapter(uri)
+            return self._adapter
+
+    def close(self) -> None:
+        """Stop the API service if this executor started it. Running tasks keep running."""
+        with self._lock:
+            for run in self._runs.values():
+                if run.timer is not None:
+                    run.timer.cancel()
+            if self._adapter is not None:
+                self._adapter.close()
+                self._adapter = None
+        self._service.close()
+
+    def _workspace_owner(self) -> tuple[int, int] | None:
+        """Host uid:gid the workspace must belong to so the container's user can write it."""
+        if not self.rootless:
+            return self._uid, self._gid
+        user = self._service.service_user()
+        # keep-id maps the service user to cfg.user inside, so its own files are writable.
+        if user is not None and os.geteuid() == 0 and user.uid != 0:
+            return user.uid, user.gid
+        return None
+
+    def _chown_tree(self, root: Path) -> None:
+        owner = self._workspace_owner()
+        if owner is None or os.geteuid() != 0:
+            return
+        uid, gid = owner
+        os.lchown(root, uid, gid)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for n in dirnames + filenames:
+                os.lchown(os.path.join(dirpath, n), uid, gid)
+
+    # -- probe ----------------------------------------------------------------------------------
+
+    def probe(self) -> ExecutorStatus:
+        try:
+            if shutil.which("podman") is None:
+                return ExecutorStatus(self.name, False, "podman is not installed (apt install podman)")
+            api = self._api()
+            if api.image_id(self._cfg.image) is None:
+                hint = ("run images/build, then scripts/setup-podman to load it for the rootless "
+                        "user" if self.rootless else "run images/build")
+                return ExecutorStatus(self.name, False, f"image {self._cfg.image} is missing: {hint}")
+            enf = self._enforcement or self._measure_enforcement(api)
+            self._enforcement = enf
+            mode = "rootless" if self.rootless else "rootful"
+            return ExecutorStatus(self.name, True, f"podman {api.version()} {mode}", enf)
+        except ExecutorUnavailable as exc:
+            return ExecutorStatus(self.name, False, str(exc))
+        except (PodmanError, OSError) as exc:
+            return ExecutorStatus(self.name, False, f"podman service error: {exc}")
+
+    def _measure_enforcement(self, api: PodmanAdapter) -> Enforcement:
+        """Create (never start) a container with every limit, and read back what was applied."""
+        name = container_name(self._node, "probe", "probe")
+        probe_dir = self._state_dir / "podman-probe"
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        spec = TaskSpec("probe", probe_dir, Entry(("true",)),
+                        Limits(cpus=1.0, memory_bytes=256 * 1024 * 1024))
+        cs = build_container_spec(spec, self._cfg, self._node, rootless=self.rootless)
+        labels = {**cs.labels, LABEL_ROLE: "probe", LABEL_TASK: ""}
+        cs = _replace(cs, name=name, labels=labels)
+        api.remove(name)
+        cid = api.create(cs)
+        try:
+            st = api.inspect(cid)
+        finally:
+            api.remove(cid)
+        return _enforcement_of(st, cs, self.rootless)
+
+    # -- prepare --------------------------------------------------------------------------------
+
+    def pydeps_dir(self, spec: TaskSpec) -> Path | None:
+        """Where the requirements of this task are (or will be) installed; None without any."""
+        if spec.requirements is None:
+            return None
+        image_id = self._api().image_id(self._cfg.image) or ""
+        h = hashlib.sha256(spec.requirements.read_bytes() + b"\0" + image_id.encode())
+        return self._state_dir / "podman-pycache" / h.hexdigest()[:32]
+
+    def prepare(self, spec: TaskSpec, sink: OutputSink, cancel: threading.Event) -> None:
+        target = self.pydeps_dir(spec)
+        self._chown_tree(spec.workspace)
+        if target is None:
+            return
+        if target.is_dir():
+            sink(OutputLine(self._clock(), "prepare", "requirements already installed (cached)"))
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._build_lock(target, cancel):
+            if target.is_dir():   # another task built it while we waited for the lock
+                sink(OutputLine(self._clock(), "prepare", "requirements already installed (cached)"))
+                return
+            tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{spec.task_id}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o755)
+            self._chown_tree(tmp)
+            try:
+                self._run_pip(spec, sink, cancel, tmp)
+                os.chmod(tmp, 0o755)
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _build_lock(self, target: Path, cancel: threading.Event) -> Iterator[None]:
+        lock_path = target.parent / f".{target.name}.lock"
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if cancel.wait(0.1):
+                        raise PrepareCancelled("cancelled while waiting for the pip cache lock") from None
+            try:
+                yield
+            finally:
+                # Unlink before unlock: a waiter that then locks the stale inode rechecks target.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _run_pip(self, spec: TaskSpec, sink: OutputSink, cancel: threading.Event,
+                 build_dir: Path) -> None:
+        api = self._api()
+        cs = build_prepare_spec(spec, self._cfg, self._node, rootless=self.rootless,
+                                build_dir=str(build_dir))
+        api.remove(cs.name)
+        cid = api.create(cs)
+        try:
+            api.start(cid)
+            pump = threading.Thread(target=self._pump, name=f"prep-logs-{spec.task_id}",
+                                    args=(api, cid, None, sink, "prepare"), daemon=True)
+            pump.start()
+            code: list[int] = []
+            waiter = threading.Thread(target=lambda: code.append(api.wait(cid, self._interval)),
+                                      name=f"prep-wait-{spec.task_id}", daemon=True)
+            waiter.start()
+            deadline = time.monotonic() + self._prepare_timeout
+            while waiter.is_alive():
+                if cancel.wait(0.05):
+                    api.kill(cid)
+                    waiter.join(10)
+                    raise PrepareCancelled(f"task {spec.task_id}: prepare cancelled")
+                if time.monotonic() > deadline:
+                    api.kill(cid)
+                    raise PrepareFailed(f"requirements install took over {self._prepare_timeout:.0f}s")
+            pump.join(5)
+            if not code or code[0] != 0:
+                raise PrepareFailed(f"pip install exited with {code[0] if code else '?'}; "
+                                    "see the prepare output")
+        finally:
+            with contextlib.suppress(PodmanError):
+                api.remove(cid)
+
+    # -- start / monitor ------------------------------------------------------------------------
+
+    def start(self, spec: TaskSpec, sink: OutputSink) -> TaskHandle:
+        api = self._api()
+        self._chown_tree(spec.workspace)
+        deps = self.pydeps_dir(spec)
+        if deps is not None and not deps.is_dir():
+            raise PrepareFailed("requirements are not installed: call prepare() first")
+        cs = build_container_spec(spec, self._cfg, self._node, rootless=self.rootless,
+                                  pydeps_dir=str(deps) if deps else None)
+        timeout_s = spec.limits.timeout_s
+        if spec.entry.timeout_s is not None:
+            timeout_s = min(timeout_s, spec.entry.timeout_s)
+        api.remove(cs.name)   # a leftover of an earlier attempt of this very task (our name)
+        cid = api.create(cs)
+        st = api.inspect(cid)
+        self._check_applied(spec.task_id, st, cs)
+        run = _Run(spec.task_id, cid, self._clock(), timeout_s, st.memory_limit, sink)
+        try:
+            api.start(cid)
+        except PodmanError as exc:
+            now = self._clock()
+            run.result = ExitResult(None, ExitReason.FAILED_TO_START, run.started_at, now,
+                                    message=str(exc)[:500])
+            run.done.set()
+            with self._lock:
+                self._runs[spec.task_id] = run
+            return self._handle(run)
+        with self._lock:
+            self._runs[spec.task_id] = run
+        self._monitor(api, run, since=None)
+        return self._handle(run)
+
+    def _handle(self, run: _Run) -> TaskHandle:
+        return TaskHandle(HANDLE_VERSION, run.task_id, self.name, {
+            "container_id": run.container_id, "started_at": run.started_at,
+            "timeout_s": run.timeout_s, "rootless": self.rootless})
+
+    def _check_applied(self, task_id: str, st: ContainerState, cs: ContainerSpec) -> None:
+        missing = _enforcement_of(st, cs, self.rootless).notes
+        if missing:
+            self._log.warning("task %s: limits not applied: %s", task_id, "; ".join(missing))
+
+    def _monitor(self, api: PodmanAdapter, run: _Run, since: float | None) -> None:
+        remaining = run.started_at + run.timeout_s - self._clock()
+        run.timer = threading.Timer(max(0.0, remaining), self._on_timeout, (run,))
+        run.timer.daemon = True
+        run.timer.start()
+        threading.Thread(target=self._follow, args=(api, run, since),
+                         name=f"task-{run.task_id}", daemon=True).start()
+        threading.Thread(target=self._sample, args=(run,), name=f"cgroup-{run.task_id}",
+                         daemon=True).start()
+
+    def _pump(self, api: PodmanAdapter, ref: str, since: float | None, sink: OutputSink,
+              stream: str | None = None) -> None:
+        try:
+            for line in _lines(api.logs(ref, follow=True, since=since), self._clock):
+                sink(OutputLine(line.ts, stream or line.stream, line.text))
+        except (PodmanError, TaskNotFound, OSError) as exc:
+            self._log.debug("log stream of %s ended: %s", ref, exc)
+
+    def _follow(self, api: PodmanAdapter, run: _Run, since: float | None) -> None:
+        self._pump(api, run.container_id, since, run.sink)
+        try:
+            api.wait(run.container_id, self._interval)
+            st = api.inspect(run.container_id)
+            self._sample_once(run)
+            result = self._result(run, st)
+        except (PodmanError, TaskNotFound) as exc:
+            result = ExitResult(None, ExitReason.LOST, run.started_at, self._clock(),
+                                message=f"container vanished: {exc}")
+        self._finish(run, result)
+
+    def _finish(self, run: _Run, result: ExitResult) -> None:
+        if run.timer is not None:
+            run.timer.cancel()
+        run.result = result
+        run.done.set()
+
+    def _result(self, run: _Run, st: ContainerState) -> ExitResult:
+        code = st.exit_code
+        finished = st.finished_at or self._clock()
+        if run.timed_out:
+            reason = ExitReason.TIMED_OUT
+        elif st.oom_killed or (code == 137 and run.memory_limit > 0 and not run.stop_requested
+                               and (run.peak_memory or 0) >= run.memory_limit * 0.95):
+            reason = ExitReason.OUT_OF_MEMORY
+        elif run.stop_requested:
+            reason = ExitReason.STOPPED
+        elif code is None or (st.error and code in (126, 127)):
+            reason = ExitReason.FAILED_TO_START
+        else:
+            reason = ExitReason.EXITED
+        cpu = run.cpu_ns / 1e9 if run.cpu_ns is not None else None
+        return ExitResult(code, reason, run.started_at, finished, run.peak_memory, cpu,
+                          message=st.error[:500])
+
+    def _on_timeout(self, run: _Run) -> None:
+        if run.done.is_set():
+            return
+        run.timed_out = True
+        self._log.info("task %s: timeout of %.0fs reached, stopping", run.task_id, run.timeout_s)
+        with contextlib.suppress(PodmanError, TaskNotFound):
+            self._api().stop(run.container_id, timeout=2)
+
+    # -- cgroup sampling (peak memory, cpu seconds; rootful cgroup v1 only) ---------------------
+
+    def _cgroup_dir(self, cid: str) -> Path | None:
+        for pattern in CGROUP_V1_ROOTS:
+            p = Path(pattern.format(id=cid))
+            if p.is_dir():
+                return p
+        return None
+
+    def _sample_once(self, run: _Run) -> None:
+        mem = self._cgroup_dir(run.container_id)
+        if mem is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            run.peak_memory = int((mem / "memory.max_usage_in_bytes").read_text())
+        cpuacct = Path(str(mem).replace("/memory/", "/cpu,cpuacct/"))
+        with contextlib.suppress(OSError, ValueError):
+            run.cpu_ns = int((cpuacct / "cpuacct.usage").read_text())
+
+    def _sample(self, run: _Run) -> None:
+        # The cgroup vanishes with the container, so the last sample before exit is what we get.
+        while not run.done.wait(0.2):
+            self._sample_once(run)
+
+    # -- the rest of the Executor protocol ------------------------------------------------------
+
+    def _run(self, task_id: str) -> _Run:
+        with self._lock:
+            run = self._runs.get(task_id)
+        if run is None:
+            raise TaskNotFound(f"task {task_id} is not known to the podman executor")
+        return run
+
+    def wait(self, task_id: str, timeout: float | None = None) -> ExitResult | None:
+        run = self._run(task_id)
+        if not run.done.wait(timeout):
+            return None
+        return run.result
+
+    def stop(self, task_id: str, grace: float) -> None:
+        api = self._api()
+        with self._lock:
+            run = self._runs.get(task_id)
+        if run is None:
+            for role in ("task", "prepare"):
+                with contextlib.suppress(TaskNotFound):
+                    api.stop(container_name(self._node, task_id, role), timeout=grace)
+            return
+        if run.done.is_set():
+            return
+        run.stop_requested = True
+        with contextlib.suppress(TaskNotFound):
+            api.stop(run.container_id, timeout=grace)
+        if not run.done.wait(grace + 30):
+            with contextlib.suppress(TaskNotFound):
+                api.kill(run.container_id)
+            run.done.wait(10)
+
+    def stats(self, task_id: str) -> Usage | None:
+        run = self._run(task_id)
+        if run.done.is_set():
+            return None
+        try:
+            data = self._api().stats(run.container_id)
+        except (PodmanError, TaskNotFound):
+            return None
+        if not data:
+            return None
+        now = self._clock()
+        cpu_ns = int(data.get("CPUNano") or 0)
+        prev_t, prev_ns = run.last_cpu or (run.started_at, 0)
+        run.last_cpu = (now, cpu_ns)
+        cores = (cpu_ns - prev_ns) / 1e9 / max(now - prev_t, 1e-3)
+        pids = data.get("PIDs")
+        return Usage(max(0.0, cores), int(data.get("MemUsage") or 0),
+                     int(pids) if pids is not None else None)
+
+    def cleanup(self, task_id: str) -> None:
+        api = self._api()
+        with self._lock:
+            run = self._runs.pop(task_id, None)
+        if run is not None and run.timer is not None:
+            run.timer.cancel()
+        for role in ("task", "prepare"):
+            api.remove(container_name(self._node, task_id, role))
+        if run is not None and run.container_id:
+            api.remove(run.container_id)
+
+    def orphans(self) -> list[str]:
+        found = self._api().list_labelled({LABEL_MANAGED: "1", LABEL_NODE: self._node})
+        return sorted({c.labels[LABEL_TASK] for c in found
+                       if c.labels.get(LABEL_TASK) and c.labels.get(LABEL_ROLE) != "probe"})
+
+    def recover(self, handle: TaskHandle, sink: OutputSink) -> None:
+        if handle.executor != self.name or handle.version != HANDLE_VERSION:
+            raise TaskNotFound(f"handle of task {handle.task_id} is not a podman v1 handle")
+        state: dict[str, Any] = dict(handle.state)
+        cid = str(state.get("container_id", ""))
+        api = self._api()
+        st = api.inspect(cid)      # TaskNotFound when the container is gone
+        if st.labels.get(LABEL_NODE) != self._node or st.labels.get(LABEL_MANAGED) != "1":
+            raise TaskNotFound(f"container {cid[:12]} is not one of this node's tasks")
+        run = _Run(handle.task_id, cid, float(state.get("started_at", self._clock())),
+                   float(state.get("timeout_s", 3600.0)), st.memory_limit, sink)
+        with self._lock:
+            self._runs[handle.task_id] = run
+        if st.running:
+            self._monitor(api, run, since=run.started_at)
+        else:
+            self._finish(run, self._result(run, st))
+
+
+def _replace(cs: ContainerSpec, **changes: Any) -> ContainerSpec:
+    return dataclasses.replace(cs, **changes)
+
+
+def _enforcement_of(st: ContainerState, cs: ContainerSpec, rootless: bool) -> Enforcement:
+    """Compare what was asked for with what `inspect` shows was applied."""
+    mem = cs.memory_bytes is not None and st.memory_limit == cs.memory_bytes
+    cpu = cs.cpu_quota_us is not None and st.cpu_quota == cs.cpu_quota_us
+    pids = cs.pids_limit is not None and st.pids_limit == cs.pids_limit
+    notes = []
+    why = " (rootless Podman on cgroup v1 applies none)" if rootless else ""
+    if cs.memory_bytes is not None and not mem:
+        notes.append(f"memory limit not applied{why}")
+    if cs.cpu_quota_us is not None and not cpu:
+        notes.append(f"cpu limit not applied{why}")
+    if cs.pids_limit is not None and not pids:
+        notes.append(f"pids limit not applied{why}")
+    return Enforcement(isolation="container", memory=mem, cpu=cpu, pids=pids,
+                       network_isolated=st.network_mode in ("none", ""),
+                       readonly_root=st.read_only, notes=tuple(notes))

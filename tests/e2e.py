@@ -1,0 +1,176 @@
+"""Harness for end-to-end tests: a real development pool on loopback and a real worker daemon
+process (`python -m hivemind run`), talking gRPC over real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hivemind.devpool.server import DevPool
+
+WORKER_HOST = "127.0.0.2"   # the pool skips nodes that advertise exactly 127.0.0.1
+WORKER_PASSWORD = "worker-pw-e2e-7f3a9c"
+DEV_PASSWORD = "dev-pw-e2e-51b2"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def task_zip(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return buf.getvalue()
+
+
+def make_pool(spool: Path, port: int = 0) -> DevPool:
+    pool = DevPool("127.0.0.1", port, users={"dev": DEV_PASSWORD, "worker": WORKER_PASSWORD},
+                   dispatch_interval_s=0.2, spool_dir=spool)
+    pool.start()
+    return pool
+
+
+@dataclass
+class WorkerProc:
+    state_dir: Path
+    config_path: Path
+    grpc_port: int
+    status_port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hivemind", "run", "--config", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError("worker did not stop on SIGTERM") from None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], *,
+                        extra: dict[str, Any] | None = None) -> WorkerProc:
+    state = tmp / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    pw = tmp / "pool-password"
+    pw.write_text(WORKER_PASSWORD + "\n")
+    pw.chmod(0o600)
+    grpc_port = free_port(WORKER_HOST)
+    status_port = free_port()
+    cfg: dict[str, Any] = {
+        "node": {"id": "e2e-node", "state_dir": str(state)},
+        "pool": {"address": pool_address, "username": "worker", "password_file": str(pw),
+                 "heartbeat_interval_s": 0.5, "call_timeout_s": 5},
+        "server": {"listen_host": WORKER_HOST, "port": grpc_port, "advertise_host": WORKER_HOST,
+                   "auth": {"mode": "legacy", "legacy_allowed_peers": ["127.0.0.0/8"]}},
+        "executor": {"slots": 2, "stop_grace_s": 2, **executor},
+        "resources": {"reserve_cpus": 0, "reserve_memory_gb": 0.5},
+        "status": {"port": status_port},
+        "logging": {"target": "stderr", "level": "debug"},
+        "shutdown": {"policy": "drain", "drain_timeout_s": 20},
+    }
+    for key, value in (extra or {}).items():
+        cfg.setdefault(key, {}).update(value)
+    path = tmp / "worker.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return WorkerProc(state, path, grpc_port, status_port, tmp / "worker.log")
+
+
+@contextlib.contextmanager
+def running_worker(w: WorkerProc, pool: DevPool) -> Iterator[WorkerProc]:
+    w.start()
+    try:
+        wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()) or
+                 (not w.alive() and _raise(w)), 60, "the worker to register as Idle")
+        yield w
+    finally:
+        rc = w.terminate()
+        assert rc == 0, f"worker exited with {rc}:\n{w.log()[-3000:]}"
+
+
+def _raise(w: WorkerProc) -> bool:
+    raise AssertionError(f"worker died:\n{w.log()[-4000:]}")
+
+
+def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1) -> None:
+    """Queue a task in the pool through its real gRPC API, as a user would."""
+    import grpc
+
+    from hivemind._proto import nodepool_pb2 as pb
+    from hivemind._proto import nodepool_pb2_grpc as pbg
+
+    data = files if isinstance(files, bytes) else task_zip(files)
+    with grpc.insecure_channel(pool.address) as ch:
+        token = pbg.UserServiceStub(ch).Login(pb.LoginRequest(username="dev", password=DEV_PASSWORD)).token
+        md = [("authorization", f"Bearer {token}")]
+        resp = pbg.MasterNodeServiceStub(ch).UploadTask(
+            pb.UploadTaskRequest(task_id=task_id, task_zip=data, memory_gb=memory_gb, token=token), metadata=md)
+        assert resp.success, resp.message
+
+
+def stop_via_pool(pool: DevPool, task_id: str) -> Any:
+    import grpc
+
+    from hivemind._proto import nodepool_pb2 as pb
+    from hivemind._proto import nodepool_pb2_grpc as pbg
+
+    with grpc.insecure_channel(pool.address) as ch:
+        token = pbg.UserServiceStub(ch).Login(pb.LoginRequest(username="dev", password=DEV_PASSWORD)).token
+        md = [("authorization", f"Bearer {token}")]
+        return pbg.MasterNodeServiceStub(ch).StopTask(pb.StopTaskRequest(task_id=task_id, token=token), metadata=md)
+
+
+def result_of(pool: DevPool, task_id: str, timeout: float = 120) -> zipfile.ZipFile:
+    t = wait_for(lambda: (x := pool.task(task_id)) is not None and x.status in ("COMPLETED", "FAILED") and x,
+                 timeout, f"task {task_id} to complete")
+    assert t.status == "COMPLETED", f"{t.status}: {t.message}"
+    assert t.result_path is not None
+    return zipfile.ZipFile(io.BytesIO(t.result_path.read_bytes()))

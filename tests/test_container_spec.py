@@ -1,0 +1,121 @@
+"""Unit tests of the pure TaskSpec + PodmanConfig -> container arguments translation (no Podman)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hivemind.config import PodmanConfig
+from hivemind.executors.base import Entry, Limits, TaskSpec
+from hivemind.executors.container_spec import (
+    PYCACHE_MOUNT,
+    build_container_spec,
+    build_prepare_spec,
+    container_name,
+    parse_user,
+)
+
+MiB = 1024 * 1024
+
+
+def _spec(tmp_path: Path, **limits: object) -> TaskSpec:
+    lim = Limits(cpus=1.5, memory_bytes=512 * MiB, **limits)  # type: ignore[arg-type]
+    return TaskSpec("t-1", tmp_path, Entry(("python3", "main.py")), lim,
+                    env={"FOO": "bar"}, labels={"hivemind.managed": "0", "worker": "1.0"})
+
+
+def test_defaults_are_locked_down(tmp_path: Path) -> None:
+    kw = build_container_spec(_spec(tmp_path), PodmanConfig(), "node-a", rootless=False).create_kwargs()
+    assert kw["name"] == "hivemind-node-a-t-1"
+    assert kw["network_mode"] == "none"
+    assert kw["read_only"] is True
+    assert kw["cap_drop"] == ["ALL"]
+    assert kw["no_new_privileges"] is True
+    assert "security_opt" not in kw and "nano_cpus" not in kw   # podman-py drops both silently
+    assert kw["user"] == "1000:1000"
+    assert kw["working_dir"] == "/workspace"
+    assert kw["command"] == ["python3", "main.py"]
+    assert kw["pids_limit"] == 256
+    assert kw["mem_limit"] == kw["memswap_limit"] == 512 * MiB
+    assert (kw["cpu_quota"], kw["cpu_period"]) == (150_000, 100_000)
+    assert {"Name": "nofile", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
+    assert {"Name": "nproc", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
+    assert "devices" not in kw and "userns_mode" not in kw
+
+
+def test_labels_are_ours_and_cannot_be_overridden(tmp_path: Path) -> None:
+    kw = build_container_spec(_spec(tmp_path), PodmanConfig(), "node-a", rootless=False).create_kwargs()
+    assert kw["labels"]["hivemind.managed"] == "1"
+    assert kw["labels"]["hivemind.node_id"] == "node-a"
+    assert kw["labels"]["hivemind.task_id"] == "t-1"
+    assert kw["labels"]["worker"] == "1.0"
+
+
+def test_mounts_workspace_rw_and_tmpfs_sized(tmp_path: Path) -> None:
+    cfg = PodmanConfig(tmpfs_mb=64)
+    kw = build_container_spec(_spec(tmp_path), cfg, "n", rootless=False).create_kwargs()
+    by_target = {m["target"]: m for m in kw["mounts"]}
+    assert by_target["/workspace"] == {"type": "bind", "target": "/workspace",
+                                       "source": str(tmp_path), "read_only": False}
+    assert by_target["/tmp"]["type"] == "tmpfs"
+    assert by_target["/tmp"]["size"] == str(64 * MiB)   # the smaller of Limits and config
+
+
+def test_pydeps_mounted_read_only_on_pythonpath(tmp_path: Path) -> None:
+    kw = build_container_spec(_spec(tmp_path), PodmanConfig(), "n", rootless=False,
+                              pydeps_dir="/state/pc/abc").create_kwargs()
+    deps = [m for m in kw["mounts"] if m["target"] == PYCACHE_MOUNT]
+    assert deps == [{"type": "bind", "target": PYCACHE_MOUNT, "source": "/state/pc/abc",
+                     "read_only": True}]
+    assert kw["environment"]["PYTHONPATH"] == PYCACHE_MOUNT
+    assert kw["environment"]["FOO"] == "bar"
+
+
+def test_network_only_when_both_task_and_config_allow(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, network=True)
+    assert build_container_spec(spec, PodmanConfig(), "n", rootless=False).network_mode == "none"
+    out = PodmanConfig(network="outbound")
+    assert build_container_spec(spec, out, "n", rootless=False).network_mode == "bridge"
+    assert build_container_spec(_spec(tmp_path), out, "n", rootless=False).network_mode == "none"
+
+
+def test_gpus_only_as_cdi_devices_when_asked(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, gpu_devices=("nvidia.com/gpu=0",))
+    kw = build_container_spec(spec, PodmanConfig(), "n", rootless=False).create_kwargs()
+    assert kw["devices"] == ["nvidia.com/gpu=0"]
+
+
+def test_rootless_keeps_workspace_owner_as_task_user(tmp_path: Path) -> None:
+    cs = build_container_spec(_spec(tmp_path), PodmanConfig(user="1234:99"), "n", rootless=True)
+    assert cs.userns_mode == "keep-id:uid=1234,gid=99"
+    assert cs.create_kwargs()["userns_mode"] == "keep-id:uid=1234,gid=99"
+
+
+def test_pids_limit_is_the_smaller_one(tmp_path: Path) -> None:
+    cs = build_container_spec(_spec(tmp_path, pids=64), PodmanConfig(pids_limit=128), "n",
+                              rootless=False)
+    assert cs.pids_limit == 64
+
+
+def test_root_user_refused() -> None:
+    with pytest.raises(ValueError):
+        parse_user("0:0")
+    assert parse_user("1000") == (1000, 1000)
+
+
+def test_prepare_spec_has_network_and_writes_only_the_build_dir(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("six\n")
+    spec = TaskSpec("t-1", tmp_path, Entry(("python3", "x.py")),
+                    Limits(cpus=1, memory_bytes=MiB), requirements=tmp_path / "requirements.txt")
+    rootful = build_prepare_spec(spec, PodmanConfig(), "n", rootless=False, build_dir="/b")
+    rootless = build_prepare_spec(spec, PodmanConfig(), "n", rootless=True, build_dir="/b")
+    assert rootful.network_mode == "bridge"
+    assert rootless.network_mode == "host"          # slirp4netns needs /dev/net/tun (0600 here)
+    assert rootful.name == container_name("n", "t-1", "prepare")
+    assert rootful.labels["hivemind.role"] == "prepare"
+    assert rootful.command[-2:] == ("-r", "/workspace/requirements.txt")
+    mounts = {m.target: m for m in rootful.mounts}
+    assert mounts["/workspace"].read_only is True
+    assert mounts[PYCACHE_MOUNT].read_only is False and mounts[PYCACHE_MOUNT].source == "/b"
+    assert rootful.read_only and rootful.cap_drop == ("ALL",)

@@ -1,0 +1,191 @@
+"""End to end: a real development pool, a real worker daemon process, real gRPC sockets.
+
+submit → dispatch → run → output streams while the task runs → result; stop mid-task; kill -9
+and restart; the pool away while tasks finish; garbage from the pool."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from e2e import (
+    WORKER_HOST,
+    free_port,
+    make_pool,
+    result_of,
+    running_worker,
+    stop_via_pool,
+    task_zip,
+    upload,
+    wait_for,
+    write_worker_config,
+)
+from hivemind._proto import nodepool_pb2 as pb
+from hivemind._proto import nodepool_pb2_grpc as pbg
+
+VENV = {"kind": "venv"}
+
+STREAMING_TASK = {
+    "main.py": (
+        "import time\n"
+        "print('first line', flush=True)\n"
+        "time.sleep(2.5)\n"
+        "open('out.txt', 'w').write('made by the task\\n')\n"
+        "print('last line', flush=True)\n"
+    ),
+}
+
+
+def task_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture()
+def pool(tmp_path: Path):
+    p = make_pool(tmp_path / "spool")
+    yield p
+    p.stop()
+
+
+def test_task_output_streams_while_running_and_result_returns(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV)
+    with running_worker(w, pool):
+        upload(pool, STREAMING_TASK, "stream-1")
+        # The first line reaches the pool while the task still runs (before its last line).
+        t = wait_for(lambda: (x := pool.task("stream-1")) and "first line" in x.output and x, 60,
+                     "the first output line at the pool")
+        assert "last line" not in t.output
+        assert t.status == "RUNNING"
+        z = result_of(pool, "stream-1")
+        assert z.read("out.txt") == b"made by the task\n"
+        record = json.loads(z.read("_hivemind/execution.json"))
+        assert record["exit_code"] == 0 and record["reason"] == "exited" and record["status"] == "succeeded"
+        assert record["node_id"] == "e2e-node"
+        assert "last line" in z.read("_hivemind/output.log").decode()
+        # Status API shows the task as done once the pool acknowledged the result.
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/tasks/stream-1") as r:
+            body = json.loads(r.read())
+        wait_for(lambda: json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{w.status_port}/api/v1/tasks/stream-1").read())["state"] == "done", 10,
+            "state done in the status API")
+        assert body["task_id"] == "stream-1"
+    assert not list((w.state_dir / "tasks").iterdir()), "task files left behind after the result was delivered"
+
+
+def test_stop_mid_task_returns_a_partial_result(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV)
+    marker = "hm-stop-marker-8812"
+    files = {"run.sh": f"echo partial; echo kept > partial.txt; sleep 300 & sleep 301 # {marker}\nwait\n"}
+    with running_worker(w, pool):
+        upload(pool, files, "stop-1")
+        wait_for(lambda: (x := pool.task("stop-1")) and "partial" in x.output, 60, "the task to run")
+        resp = stop_via_pool(pool, "stop-1")
+        assert resp.success, resp.message
+        z = result_of(pool, "stop-1")
+        record = json.loads(z.read("_hivemind/execution.json"))
+        assert record["reason"] == "stopped" and record["status"] == "stopped"
+        assert z.read("partial.txt") == b"kept\n"
+        wait_for(lambda: not task_processes(marker), 10, "the task's processes to be gone")
+
+
+def test_kill9_mid_task_then_restart_delivers_the_result(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV)
+    marker = "hm-kill9-marker-3391"
+    files = {"run.sh": f"echo started\nsleep 4 # {marker}\necho finished > done.txt\necho end\n"}
+    w.start()
+    try:
+        wait_for(lambda: any(n.status == "Idle" for n in pool.nodes()), 60, "registration")
+        upload(pool, files, "k9-1")
+        wait_for(lambda: (x := pool.task("k9-1")) and "started" in x.output, 60, "the task to run")
+        w.kill9()
+    finally:
+        if w.alive():
+            w.kill9()
+    # A new daemon on the same state directory finds the task and delivers its result.
+    with running_worker(w, pool):
+        z = result_of(pool, "k9-1", timeout=120)
+        record = json.loads(z.read("_hivemind/execution.json"))
+        assert record["reason"] in ("exited", "lost"), record
+        if record["reason"] == "exited":
+            assert z.read("done.txt") == b"finished\n"
+        assert pool.task("k9-1").execute_calls == 1, "the task must not run twice"
+        wait_for(lambda: not task_processes(marker), 20, "no leaked task process")
+    assert "reattach" in w.log() or "restarted" in w.log()
+
+
+def test_results_survive_the_pool_being_away(tmp_path: Path) -> None:
+    # A fixed port, so the pool comes back where the worker looks for it (same object, same state).
+    pool = make_pool(tmp_path / "spool", port=free_port())
+    w = write_worker_config(tmp_path, pool.address, VENV)
+    away_s = float(os.environ.get("HIVEMIND_POOL_AWAY_S", "60"))
+    try:
+        with running_worker(w, pool):
+            ids = ["away-1", "away-2"]
+            for tid in ids:
+                upload(pool, {"main.py": f"import time; print('{tid}', flush=True); time.sleep(1.5); print('ok')"}, tid)
+            wait_for(lambda: all((x := pool.task(t)) and x.status == "RUNNING" for t in ids), 60, "both running")
+            pool.stop()
+            time.sleep(away_s)       # the tasks finish while the pool is away
+            assert w.alive()
+            pool.start()
+            for tid in ids:
+                z = result_of(pool, tid, timeout=90)
+                assert json.loads(z.read("_hivemind/execution.json"))["exit_code"] == 0
+    finally:
+        pool.stop()
+
+
+def worker_stub(w) -> pbg.WorkerNodeServiceStub:
+    ch = grpc.insecure_channel(f"{WORKER_HOST}:{w.grpc_port}",
+                               options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    return pbg.WorkerNodeServiceStub(ch)
+
+
+def test_garbage_from_the_pool_gets_clear_refusals_and_the_worker_keeps_serving(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV, extra={"server": {"max_message_mb": 2}})
+    with running_worker(w, pool):
+        stub = worker_stub(w)
+
+        def ex(**kw):
+            return stub.ExecuteTask(pb.ExecuteTaskRequest(**kw), timeout=10)
+
+        good = task_zip({"main.py": "print('fine')"})
+        r = ex(task_id="g1", task_zip=b"this is not a zip")
+        assert not r.success and "archive" in r.message.lower()
+        r = ex(task_id="g2", task_zip=task_zip({"../escape.py": "x"}))
+        assert not r.success and ".." in r.message
+        r = ex(task_id="g3", task_zip=good, memory_gb=1_000_000)
+        assert not r.success and "memory" in r.message.lower()
+        r = ex(task_id="g4", task_zip=good, cpu_usage=math.nan)
+        assert not r.success
+        r = ex(task_id="../../etc/passwd", task_zip=good)
+        assert not r.success and "task id" in r.message.lower()
+        r = ex(task_id="g5", task_zip=b"")
+        assert not r.success
+        s = stub.StopTaskExecution(pb.StopTaskExecutionRequest(task_id="never-seen"), timeout=10)
+        assert not s.success and "unknown" in s.message.lower()
+        with pytest.raises(grpc.RpcError) as exc:
+            ex(task_id="g6", task_zip=os.urandom(3 * 1024 * 1024))
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Still serving: a valid task runs, and the same id sent twice runs once.
+        r = ex(task_id="g7", task_zip=good)
+        assert r.success, r.message
+        r2 = ex(task_id="g7", task_zip=good)
+        assert "already" in r2.message
+        assert w.alive()

@@ -1,0 +1,361 @@
+"""Both metrics backends on this machine: same figures, same errors, native fallback, no leaks,
+no hang after loading the Go runtime."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hivemind.metrics import MetricsError, MetricsUnavailable, open_metrics
+from hivemind.metrics.native import _CSnapshot, library_candidates, load_library
+from hivemind.metrics.psutil_backend import PsutilSource
+
+ROOT = Path(__file__).resolve().parent.parent
+NATIVE = ROOT / "native"
+LIB = NATIVE / "build" / "libhivemindmetrics.so"
+
+
+@pytest.fixture(scope="session")
+def library() -> Path:
+    """The library built from this checkout (make is a no-op when it's up to date)."""
+    if shutil.which("go") is None or shutil.which("make") is None:
+        pytest.skip("needs the Go toolchain and make to build native/")
+    subprocess.run(["make", "-s", "-C", str(NATIVE)], check=True, capture_output=True, timeout=300)
+    return LIB
+
+
+@pytest.fixture
+def native(library: Path) -> Iterator[object]:
+    src = open_metrics("native", library_path=str(library))
+    yield src
+    src.close()
+
+
+def test_backends_agree_on_machine_figures(library: Path) -> None:
+    n_src = open_metrics("native", library_path=str(library))
+    p_src = open_metrics("psutil")
+    assert (n_src.backend, p_src.backend) == ("native", "psutil")
+    try:
+        n, p = n_src.snapshot("/"), p_src.snapshot("/")
+    finally:
+        n_src.close()
+        p_src.close()
+    assert n.cpu_count == p.cpu_count == os.cpu_count()
+    assert n.memory_total == p.memory_total
+    # Available memory moves between the two reads; 3 % of total covers other tests' churn.
+    assert abs(n.memory_available - p.memory_available) <= 0.03 * n.memory_total
+    assert n.swap_total == p.swap_total
+    assert abs(n.swap_free - p.swap_free) <= 0.03 * max(n.swap_total, 1)
+    assert n.disk_total == p.disk_total
+    assert abs(n.disk_free - p.disk_free) <= 0.01 * n.disk_total
+    for a, b in ((n.load1, p.load1), (n.load5, p.load5), (n.load15, p.load15)):
+        assert abs(a - b) <= 0.5 + 0.1 * b  # the kernel updates load every 5 s
+    for s in (n, p):
+        assert 0.0 <= s.cpu_busy <= 1.0
+        assert 0 < s.memory_available <= s.memory_total
+        assert 0 <= s.disk_free <= s.disk_total
+        assert s.cgroup is None
+
+
+def test_cpu_busy_is_per_source_and_since_previous_call(library: Path) -> None:
+    a = open_metrics("native", library_path=str(library))
+    b = open_metrics("native", library_path=str(library))
+    try:
+        a.snapshot()
+        b.snapshot()
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:  # CPU time, not wall time: one core busy
+            pass
+        busy = a.snapshot().cpu_busy
+        # One core was busy for most of the interval: well over a quarter of 1/cpus.
+        assert busy >= 0.25 / (os.cpu_count() or 1)
+        b_busy = b.snapshot().cpu_busy  # b's interval is its own, and also saw the loop
+        assert b_busy > 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_snapshot_errors_name_the_path(library: Path) -> None:
+    for src in (open_metrics("native", library_path=str(library)), open_metrics("psutil")):
+        with pytest.raises(MetricsError, match="/no/such/dir"):
+            src.snapshot("/no/such/dir")
+        with pytest.raises(MetricsError, match=r"'\.\.'"):
+            src.snapshot("/", "/a/../b")
+        src.close()
+
+
+# --- cgroups -----------------------------------------------------------------------------------
+
+V1_CONTROLLERS = ("memory", "cpuacct", "pids")
+
+
+@pytest.fixture
+def v1_cgroup() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A fresh leaf cgroup in the memory, cpuacct and pids v1 hierarchies, with limits and a
+    child process that holds 32 MiB in it."""
+    base = Path("/sys/fs/cgroup")
+    if (base / "cgroup.controllers").exists() or not all((base / c).is_dir() for c in V1_CONTROLLERS):
+        pytest.skip("this test drives cgroup v1 hierarchies (the v2 layout is tested with a fixture tree)")
+    if os.geteuid() != 0:
+        pytest.skip("creating cgroups needs root")
+    name = f"hivemind-test-{os.getpid()}"
+    made: list[Path] = []
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        for c in V1_CONTROLLERS:
+            d = base / c / name
+            d.mkdir()
+            made.append(d)
+        (base / "memory" / name / "memory.limit_in_bytes").write_text(str(256 << 20))
+        (base / "pids" / name / "pids.max").write_text("20")
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+            import sys, time
+            sys.stdin.readline()
+            block = bytearray(32 << 20)
+            for i in range(0, len(block), 4096): block[i] = 1
+            print("ready", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        for c in V1_CONTROLLERS:
+            (base / c / name / "cgroup.procs").write_text(str(child.pid))
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"ready\n"
+        yield "/" + name, child
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait(timeout=30)
+        for d in reversed(made):
+            for _ in range(50):  # the kernel frees a cgroup shortly after its last task exits
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def test_backends_agree_on_a_real_v1_cgroup(library: Path,
+                                           v1_cgroup: tuple[str, subprocess.Popen[bytes]]) -> None:
+    path, _ = v1_cgroup
+    n_src = open_metrics("native", library_path=str(library))
+    p_src = open_metrics("psutil")
+    try:
+        n = n_src.snapshot("/", path).cgroup
+        p = p_src.snapshot("/", path).cgroup
+        n2 = n_src.snapshot("/", path).cgroup
+    finally:
+        n_src.close()
+        p_src.close()
+    assert n is not None and p is not None and n2 is not None
+    assert n.version == p.version == 1
+    assert n.pids_current == p.pids_current == 1
+    assert n.pids_limit == p.pids_limit == 20
+    assert n.memory_limit == p.memory_limit == 256 << 20
+    assert n.memory_current >= 32 << 20
+    assert abs(n.memory_current - p.memory_current) <= 0.05 * n.memory_current
+    assert n.memory_peak is not None and n.memory_peak >= n.memory_current
+    assert 0 < n.cpu_usage_ns <= p.cpu_usage_ns <= n2.cpu_usage_ns  # read in that order
+
+
+def test_missing_cgroup_is_none_for_both(library: Path) -> None:
+    for src in (open_metrics("native", library_path=str(library)), open_metrics("psutil")):
+        assert src.snapshot("/", "/hivemind-no-such-cgroup").cgroup is None
+        src.close()
+
+
+@pytest.fixture
+def v2_tree(tmp_path: Path) -> Path:
+    files = {
+        "cgroup.controllers": "cpu memory pids\n",
+        "machine.slice/task/cgroup.procs": "42\n",
+        "machine.slice/task/cpu.stat": "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n",
+        "machine.slice/task/memory.current": "1048576\n",
+        "machine.slice/task/memory.peak": "2097152\n",
+        "machine.slice/task/memory.max": "max\n",
+        "machine.slice/task/pids.current": "3\n",
+        "machine.slice/task/pids.max": "64\n",
+        "machine.slice/old/cgroup.procs": "",
+        "machine.slice/old/memory.current": "4096\n",
+        "machine.slice/old/memory.max": "8192\n",
+        "machine.slice/old/pids.max": "max\n",
+    }
+    for rel, body in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(body)
+    return tmp_path
+
+
+def test_backends_read_a_v2_tree_alike(library: Path, v2_tree: Path) -> None:
+    for backend in ("native", "psutil"):
+        src = open_metrics(backend, library_path=str(library), cgroup_root=str(v2_tree))
+        try:
+            task = src.snapshot("/", "/machine.slice/task").cgroup
+            old = src.snapshot("/", "machine.slice/old/").cgroup  # no peak file: older kernel
+            gone = src.snapshot("/", "/machine.slice/gone").cgroup
+        finally:
+            src.close()
+        assert task is not None and old is not None, backend
+        assert (task.version, task.cpu_usage_ns, task.memory_current, task.memory_peak,
+                task.memory_limit, task.pids_current, task.pids_limit) == (
+                    2, 2_500_000, 1 << 20, 2 << 20, None, 3, 64), backend
+        assert (old.memory_current, old.memory_peak, old.memory_limit, old.pids_limit,
+                old.cpu_usage_ns) == (4096, None, 8192, None, 0), backend
+        assert gone is None, backend
+
+
+# --- loading and fallback ----------------------------------------------------------------------
+
+
+def test_auto_prefers_native_when_it_loads(library: Path) -> None:
+    src = open_metrics("auto", library_path=str(library))
+    assert (src.backend, src.fallback_reason) == ("native", None)
+    src.close()
+
+
+def test_default_search_finds_the_checkout_build(library: Path) -> None:
+    assert LIB in library_candidates("")
+    src = open_metrics("auto")
+    assert src.backend == "native"
+    src.close()
+
+
+def _fake_library(tmp_path: Path, abi: int) -> Path:
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler to build a fake library")
+    c = tmp_path / "fake.c"
+    c.write_text(f"int hm_abi_version(void) {{ return {abi}; }}\n")
+    so = tmp_path / "libfake.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(c)], check=True, timeout=60)
+    return so
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "abi"])
+def test_auto_falls_back_to_psutil_with_one_log_line(
+        case: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if case == "missing":
+        path, why = tmp_path / "nope.so", "not found"
+    elif case == "garbage":
+        path, why = tmp_path / "garbage.so", "can't be loaded"
+        path.write_bytes(b"not an ELF file")
+    else:
+        path, why = _fake_library(tmp_path, 99), "ABI version 99"
+    logger = logging.getLogger("test.metrics")
+    with caplog.at_level(logging.INFO, logger="test.metrics"):
+        src = open_metrics("auto", library_path=str(path), logger=logger)
+    assert isinstance(src, PsutilSource)
+    assert src.fallback_reason is not None and why in src.fallback_reason
+    assert len(caplog.records) == 1 and why in caplog.records[0].getMessage()
+    assert src.snapshot().memory_total > 0
+    with pytest.raises(MetricsUnavailable, match=why):
+        open_metrics("native", library_path=str(path))
+
+
+def test_unknown_backend_is_rejected() -> None:
+    with pytest.raises(ValueError, match="gpu"):
+        open_metrics("gpu")
+
+
+def test_ctypes_struct_matches_the_c_header(tmp_path: Path) -> None:
+    """Offsets of every field as the C compiler lays out hm_snapshot_t, against ctypes."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    names = [f[0] for f in _CSnapshot._fields_]
+    body = "".join(f'printf("{n} %zu\\n", offsetof(hm_snapshot_t, {n}));' for n in names)
+    prog = tmp_path / "layout.c"
+    prog.write_text('#include <stdio.h>\n#include <stddef.h>\n#include "hivemind_metrics.h"\n'
+                    f'int main(void) {{ {body} printf("sizeof %zu\\n", sizeof(hm_snapshot_t)); return 0; }}\n')
+    exe = tmp_path / "layout"
+    subprocess.run(["cc", "-I", str(NATIVE), "-o", str(exe), str(prog)], check=True, timeout=60)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=30).stdout
+    c_layout = dict(line.split() for line in out.splitlines())
+    py_layout = {n: str(getattr(_CSnapshot, n).offset) for n in names}
+    py_layout["sizeof"] = str(ctypes.sizeof(_CSnapshot))
+    assert py_layout == c_layout
+
+
+def test_header_check_passes(library: Path) -> None:
+    r = subprocess.run(["make", "-s", "-C", str(NATIVE), "check-header"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_closed_source_and_unknown_handle(library: Path) -> None:
+    lib = load_library(str(library))
+    assert lib.hm_close(987654) == -1
+    assert lib.hm_last_error(987654, None, 0) == -1
+    src = open_metrics("native", library_path=str(library))
+    src.close()
+    src.close()
+    with pytest.raises(MetricsError, match="closed"):
+        src.snapshot()
+
+
+# --- resources and process safety --------------------------------------------------------------
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+
+
+def test_native_snapshots_do_not_leak(library: Path, tmp_path: Path) -> None:
+    src = open_metrics("native", library_path=str(library))
+    try:
+        for _ in range(2000):  # let the Go heap and ctypes caches reach their working size
+            src.snapshot("/", "/")
+        before = _rss_kib()
+        for _ in range(20000):
+            src.snapshot("/", "/")
+        after = _rss_kib()
+    finally:
+        src.close()
+    assert after - before < 4096, f"RSS grew {after - before} KiB over 20000 snapshots"
+
+
+FORK_SAFETY_CHILD = r"""
+import subprocess, sys
+import grpc
+from concurrent import futures
+from hivemind.metrics import open_metrics
+
+src = open_metrics("native", library_path=sys.argv[1])
+assert src.backend == "native"
+src.snapshot()
+# fork+exec of a Python child after the Go runtime started.
+out = subprocess.run([sys.executable, "-c", "print('child ok')"], capture_output=True, text=True, timeout=30)
+assert out.stdout == "child ok\n", out
+# A gRPC server and client in the same process (grpc starts its own threads and pollers).
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+handler = grpc.method_handlers_generic_handler(
+    "test.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req[::-1])})
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    assert ch.unary_unary("/test.Echo/Ping")(b"abc", timeout=20) == b"cba"
+server.stop(None).wait(10)
+src.snapshot()
+print("ok")
+"""
+
+
+def test_subprocess_and_grpc_work_after_loading_the_go_runtime(library: Path) -> None:
+    # In a child interpreter so that a hang fails this test by its timeout instead of hanging pytest.
+    r = subprocess.run([sys.executable, "-c", FORK_SAFETY_CHILD, str(library)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stdout + r.stderr
