@@ -45,6 +45,11 @@ RESULT_META_DIR = "_hivemind"
 DEFAULT_SKIP_ROOT = frozenset({".venv", ".cache", RESULT_META_DIR})
 DEFAULT_SKIP_ANYWHERE = frozenset({"__pycache__"})
 MAX_SKIPPED_LISTED = 1000
+# Deflating these again costs CPU (while the task still holds its slot) and saves nothing.
+STORED_SUFFIXES = frozenset({".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".png",
+                             ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".mkv", ".mp3", ".ogg"})
+# Level 1 deflates text ~5x faster than the default 6 for ~15% more bytes (measured here).
+DEFAULT_COMPRESSLEVEL = 1
 
 
 @dataclass(frozen=True)
@@ -336,7 +341,8 @@ def _write_all(fd: int, data: bytes) -> None:
 def pack_result(workspace: Path, dest_zip: Path, record: dict[str, Any],
                 output_log: Path | None, max_bytes: int,
                 skip_root: Collection[str] = DEFAULT_SKIP_ROOT,
-                skip_anywhere: Collection[str] = DEFAULT_SKIP_ANYWHERE) -> PackSummary:
+                skip_anywhere: Collection[str] = DEFAULT_SKIP_ANYWHERE,
+                compresslevel: int = DEFAULT_COMPRESSLEVEL) -> PackSummary:
     """Write the result zip: `_hivemind/output.log`, the workspace's regular files (sorted),
     then `_hivemind/execution.json` (`record` plus the truncation facts).
 
@@ -357,9 +363,10 @@ def pack_result(workspace: Path, dest_zip: Path, record: dict[str, Any],
         if len(skipped) < MAX_SKIPPED_LISTED:
             skipped.append(rel)
 
-    with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
+    with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED,
+                                                 compresslevel=compresslevel) as zf:
         if output_log is not None:
-            used, log_truncated = _add_log(zf, output_log, max_bytes // 2)
+            used, log_truncated = _add_log(zf, output_log, max_bytes // 2, compresslevel)
         root = _open_root(workspace)
         if root is None:
             skip(".")
@@ -379,7 +386,7 @@ def pack_result(workspace: Path, dest_zip: Path, record: dict[str, Any],
                             for rest in names[i:]:
                                 skip("/".join(rest))
                             break
-                        _add_file(zf, rel, src, st)
+                        _add_file(zf, rel, src, st, compresslevel)
                         used += st.st_size
                         files += 1
             finally:
@@ -402,16 +409,19 @@ def pack_result(workspace: Path, dest_zip: Path, record: dict[str, Any],
     return PackSummary(files=files, bytes=used, truncated=truncated, skipped=skipped)
 
 
-def _zinfo(name: str, mtime: float) -> zipfile.ZipInfo:
+def _zinfo(name: str, mtime: float, level: int = DEFAULT_COMPRESSLEVEL) -> zipfile.ZipInfo:
     ts = time.localtime(max(mtime, 315532800 + 86400))  # zip dates start in 1980
     info = zipfile.ZipInfo(name, date_time=ts[:6])
-    info.compress_type = zipfile.ZIP_DEFLATED
+    info.compress_type = (zipfile.ZIP_STORED if os.path.splitext(name)[1].lower() in STORED_SUFFIXES
+                          else zipfile.ZIP_DEFLATED)
     info.external_attr = (stat.S_IFREG | 0o644) << 16
     info.create_system = 3  # unix, so the mode bits above are honoured by readers
+    # zf.open(ZipInfo) ignores the ZipFile's level and reads this private slot (public in 3.13).
+    setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel", level)
     return info
 
 
-def _add_log(zf: zipfile.ZipFile, path: Path, budget: int) -> tuple[int, bool]:
+def _add_log(zf: zipfile.ZipFile, path: Path, budget: int, level: int) -> tuple[int, bool]:
     """Add the output log, keeping its tail when it exceeds `budget` (the end says how it ended)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -425,14 +435,15 @@ def _add_log(zf: zipfile.ZipFile, path: Path, budget: int) -> tuple[int, bool]:
         if cut:
             src.seek(st.st_size - budget)
         length = min(st.st_size, budget)
-        with zf.open(_zinfo(f"{RESULT_META_DIR}/output.log", st.st_mtime), "w",
+        with zf.open(_zinfo(f"{RESULT_META_DIR}/output.log", st.st_mtime, level), "w",
                      force_zip64=True) as dst:
             _copy(src, dst, length)
     return length, cut
 
 
-def _add_file(zf: zipfile.ZipFile, rel: str, src: IO[bytes], st: os.stat_result) -> None:
-    with zf.open(_zinfo(rel, st.st_mtime), "w", force_zip64=st.st_size > 1 << 30) as dst:
+def _add_file(zf: zipfile.ZipFile, rel: str, src: IO[bytes], st: os.stat_result,
+              level: int) -> None:
+    with zf.open(_zinfo(rel, st.st_mtime, level), "w", force_zip64=st.st_size > 1 << 30) as dst:
         # Copy only the size seen at open: a file still growing can't break the cap.
         _copy(src, dst, st.st_size)
 

@@ -46,6 +46,9 @@ type Collector struct {
 	// loadFromProc reads ProcRoot/loadavg instead of sysinfo(2) (fixture tests).
 	loadFromProc bool
 
+	layoutRoot string // CgroupRoot when unified was last decided
+	unified    bool   // cgroup v2 only (else v1 or hybrid)
+
 	prevTotal uint64
 	prevIdle  uint64
 	havePrev  bool
@@ -225,15 +228,25 @@ func (c *Collector) cgroup(rel string, s *Snapshot) error {
 	}
 	// A pure v2 host has cgroup.controllers at the root; a hybrid v1 host keeps its
 	// controllers in per-controller hierarchies and an empty v2 tree under unified/.
-	if exists(c.CgroupRoot + "/cgroup.controllers") {
+	if c.layoutRoot != c.CgroupRoot { // the layout of a mounted hierarchy doesn't change
+		c.layoutRoot, c.unified = c.CgroupRoot, exists(c.CgroupRoot+"/cgroup.controllers")
+	}
+	if c.unified {
 		return c.cgroupV2(c.CgroupRoot+rel, s)
 	}
 	return c.cgroupV1(rel, s)
 }
 
 func (c *Collector) cgroupV2(dir string, s *Snapshot) error {
-	if !exists(dir + "/cgroup.procs") {
-		return nil
+	b, err := c.read(dir + "/memory.current")
+	if err == errNotExist {
+		if !exists(dir + "/cgroup.procs") { // a cgroup without the memory controller enabled
+			return nil
+		}
+	} else if err != nil {
+		return err
+	} else {
+		s.CgMemCurrent, _ = parseUint(trimSpace(b))
 	}
 	if b, err := c.read(dir + "/cpu.stat"); err == nil {
 		for len(b) > 0 {
@@ -245,7 +258,6 @@ func (c *Collector) cgroupV2(dir string, s *Snapshot) error {
 			}
 		}
 	}
-	s.CgMemCurrent = c.readUint(dir + "/memory.current")
 	s.CgMemPeak = c.readUint(dir + "/memory.peak")
 	s.CgMemLimit = c.readLimit(dir + "/memory.max")
 	s.CgPidsCurrent = c.readUint(dir + "/pids.current")
@@ -257,10 +269,14 @@ func (c *Collector) cgroupV2(dir string, s *Snapshot) error {
 func (c *Collector) cgroupV1(rel string, s *Snapshot) error {
 	mem := c.CgroupRoot + "/memory" + rel
 	// The memory hierarchy decides whether the cgroup exists: it's the one a task's limits live in.
-	if !exists(mem + "/cgroup.procs") {
+	// The first read doubles as the existence check (one syscall fewer than a stat).
+	b, err := c.read(mem + "/memory.usage_in_bytes")
+	if err == errNotExist {
 		return nil
+	} else if err != nil {
+		return err
 	}
-	s.CgMemCurrent = c.readUint(mem + "/memory.usage_in_bytes")
+	s.CgMemCurrent, _ = parseUint(trimSpace(b))
 	s.CgMemPeak = c.readUint(mem + "/memory.max_usage_in_bytes")
 	s.CgMemLimit = c.readLimit(mem + "/memory.limit_in_bytes")
 	s.CgCPUUsageNs = c.readUint(c.CgroupRoot + "/cpuacct" + rel + "/cpuacct.usage")

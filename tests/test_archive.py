@@ -433,3 +433,20 @@ def test_concurrent_packs_of_one_workspace_do_not_interfere(tmp_path: Path) -> N
         t.join()
     assert not errors
     assert all(names_of(tmp_path / f"r{i}.zip") == ["a", "_hivemind/execution.json"] for i in range(4))
+
+
+def test_compressed_formats_are_stored_and_the_level_is_honoured(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "photo.PNG").write_bytes(os.urandom(2000))
+    text = b"".join(f"{i},{i * 3.7:.3f},value-{i % 97}\n".encode() for i in range(20000))
+    (ws / "data.csv").write_bytes(text)
+    sizes = {}
+    for level in (1, 9):
+        pack_result(ws, tmp_path / f"r{level}.zip", RECORD, None, 1 << 30, compresslevel=level)
+        with zipfile.ZipFile(tmp_path / f"r{level}.zip") as zf:
+            assert zf.getinfo("photo.PNG").compress_type == zipfile.ZIP_STORED
+            csv = zf.getinfo("data.csv")
+            assert csv.compress_type == zipfile.ZIP_DEFLATED and zf.read("data.csv") == text
+            sizes[level] = csv.compress_size
+    assert sizes[9] < sizes[1], sizes

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from certs import PKI, CertPair, make_pki  # tests/ is not a package; pytest puts it on sys.path
 
 from hivemind._proto import nodepool_pb2, nodepool_pb2_grpc
 from hivemind.config import ServerAuthConfig, ServerConfig
@@ -16,16 +19,13 @@ from hivemind.server import (
     Decision,
     ExecuteRequest,
     FailureLimiter,
+    RunningServer,
     pool_channel_credentials,
     start_worker_server,
 )
 
-try:
-    from tests.certs import PKI, make_pki
-except ImportError:   # tests/ is not a package: pytest put it on sys.path
-    from certs import PKI, make_pki  # type: ignore[no-redef]
-
 LOG = logging.getLogger("test.grpc_auth")
+Serve = Callable[..., RunningServer]
 TOKEN = "s3cr3t-token-5d1c8e0b7a"
 WRONG_TOKEN = "wrong-token-00000000"
 
@@ -51,12 +51,12 @@ class FakeClock:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> PKI:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def creds_dir(tmp_path_factory) -> Path:
+def creds_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("credentials")
     (d / "worker-token").write_text(TOKEN + "\n")
     (d / "wrong-token").write_text(WRONG_TOKEN)
@@ -69,10 +69,10 @@ def acceptor() -> RecordingAcceptor:
 
 
 @pytest.fixture
-def serve(acceptor):
-    started = []
+def serve(acceptor: RecordingAcceptor) -> Iterator[Serve]:
+    started: list[RunningServer] = []
 
-    def _serve(auth: ServerAuthConfig, **kw):
+    def _serve(auth: ServerAuthConfig, **kw: Any) -> RunningServer:
         cfg = ServerConfig(listen_host="127.0.0.1", port=0, auth=auth)
         running = start_worker_server(cfg, acceptor, logger=LOG, **kw)
         started.append(running)
@@ -83,12 +83,12 @@ def serve(acceptor):
         running.stop(None)
 
 
-def call(port: int, creds: grpc.ChannelCredentials | None, task_id: str = "t1"):
+def call(port: int, creds: grpc.ChannelCredentials | None, task_id: str = "t1") -> Any:
     target = f"127.0.0.1:{port}"
     channel = (grpc.secure_channel(target, creds) if creds is not None
                else grpc.insecure_channel(target))
     with channel:
-        stub = nodepool_pb2_grpc.WorkerNodeServiceStub(channel)
+        stub = nodepool_pb2_grpc.WorkerNodeServiceStub(channel)  # type: ignore[no-untyped-call]
         return stub.ExecuteTask(
             nodepool_pb2.ExecuteTaskRequest(task_id=task_id, task_zip=b"PK\x05\x06" + bytes(18)),
             timeout=10)
@@ -100,12 +100,12 @@ def refused(port: int, creds: grpc.ChannelCredentials | None) -> grpc.RpcError:
     return err.value
 
 
-def mtls_auth(pki: PKI, **kw) -> ServerAuthConfig:
+def mtls_auth(pki: PKI, **kw: Any) -> ServerAuthConfig:
     return ServerAuthConfig(cert_file=str(pki.server.cert), key_file=str(pki.server.key),
                             client_ca_file=str(pki.ca), **kw)
 
 
-def client(pki: PKI, pair=None, **kw) -> grpc.ChannelCredentials:
+def client(pki: PKI, pair: CertPair | None = None, **kw: Any) -> grpc.ChannelCredentials:
     pair = pair or pki.client
     return pool_channel_credentials(str(pki.ca), cert_file=str(pair.cert), key_file=str(pair.key),
                                     **kw)
@@ -120,14 +120,14 @@ def assert_nothing_secret(pki: PKI, *texts: str) -> None:
 
 # --- mtls ---------------------------------------------------------------------------------
 
-def test_auto_picks_mtls_and_admits_the_pool_certificate(pki, serve, acceptor):
+def test_auto_picks_mtls_and_admits_the_pool_certificate(pki: PKI, serve: Serve, acceptor: RecordingAcceptor) -> None:
     running = serve(mtls_auth(pki, token_file="unused-but-set"))
     assert running.mode is AuthMode.MTLS and not running.insecure
     assert call(running.port, client(pki)).success
     assert len(acceptor.executed) == 1
 
 
-def test_mtls_refuses_missing_rogue_and_plaintext_clients(pki, serve, acceptor):
+def test_mtls_refuses_missing_rogue_and_plaintext_clients(pki: PKI, serve: Serve, acceptor: RecordingAcceptor) -> None:
     running = serve(mtls_auth(pki))
     no_cert = pool_channel_credentials(str(pki.ca))
     assert refused(running.port, no_cert).code() is grpc.StatusCode.UNAVAILABLE
@@ -139,7 +139,7 @@ def test_mtls_refuses_missing_rogue_and_plaintext_clients(pki, serve, acceptor):
 
 
 @pytest.mark.parametrize("name", ["pool.example", "hivemind-pool"])   # a SAN, the CN
-def test_mtls_required_name(pki, serve, acceptor, caplog, name):
+def test_mtls_required_name(pki: PKI, serve: Serve, acceptor: RecordingAcceptor, caplog: pytest.LogCaptureFixture, name: str) -> None:
     running = serve(mtls_auth(pki, required_client_name=name))
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         err = refused(running.port, client(pki, pki.other_name_client))
@@ -157,7 +157,7 @@ def token_auth(pki: PKI, token_file: str = "worker-token") -> ServerAuthConfig:
                             token_file=token_file)
 
 
-def test_token_mode(pki, creds_dir, serve, acceptor, caplog):
+def test_token_mode(pki: PKI, creds_dir: Path, serve: Serve, acceptor: RecordingAcceptor, caplog: pytest.LogCaptureFixture) -> None:
     env = {"CREDENTIALS_DIRECTORY": str(creds_dir)}
     with caplog.at_level(logging.DEBUG):
         running = serve(token_auth(pki), environ=env)
@@ -177,12 +177,12 @@ def test_token_mode(pki, creds_dir, serve, acceptor, caplog):
     assert_nothing_secret(pki, caplog.text, *(str(e.details()) + str(e) for e in errors))
 
 
-def test_token_mode_with_raw_metadata(pki, creds_dir, serve, acceptor):
+def test_token_mode_with_raw_metadata(pki: PKI, creds_dir: Path, serve: Serve, acceptor: RecordingAcceptor) -> None:
     """The token as plain metadata, the way a pool without call credentials would send it."""
     running = serve(token_auth(pki, str(creds_dir / "worker-token")))
     with grpc.secure_channel(f"127.0.0.1:{running.port}",
                              pool_channel_credentials(str(pki.ca))) as channel:
-        stub = nodepool_pb2_grpc.WorkerNodeServiceStub(channel)
+        stub = nodepool_pb2_grpc.WorkerNodeServiceStub(channel)  # type: ignore[no-untyped-call]
         req = nodepool_pb2.ExecuteTaskRequest(task_id="t1", task_zip=b"PK")
         assert stub.ExecuteTask(req, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=10).success
         with pytest.raises(grpc.RpcError) as err:
@@ -191,7 +191,7 @@ def test_token_mode_with_raw_metadata(pki, creds_dir, serve, acceptor):
     assert len(acceptor.executed) == 1
 
 
-def test_secret_errors_name_the_file_not_its_contents(pki, serve):
+def test_secret_errors_name_the_file_not_its_contents(pki: PKI, serve: Serve) -> None:
     # A certificate where the key belongs, and a private key where the certificate belongs.
     auth = ServerAuthConfig(cert_file=str(pki.server.key), key_file=str(pki.server.key),
                             client_ca_file=str(pki.ca))
@@ -205,7 +205,7 @@ def test_secret_errors_name_the_file_not_its_contents(pki, serve):
 
 # --- legacy -------------------------------------------------------------------------------
 
-def test_legacy_allow_list(serve, acceptor, caplog):
+def test_legacy_allow_list(serve: Serve, acceptor: RecordingAcceptor, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         outside = serve(ServerAuthConfig(legacy_allowed_peers=["127.0.0.9"]))
     assert outside.insecure and outside.mode is AuthMode.LEGACY
@@ -219,7 +219,7 @@ def test_legacy_allow_list(serve, acceptor, caplog):
 
 # --- rate limiting ------------------------------------------------------------------------
 
-def test_repeated_failures_put_the_peer_in_a_cool_down(pki, creds_dir, serve, acceptor):
+def test_repeated_failures_put_the_peer_in_a_cool_down(pki: PKI, creds_dir: Path, serve: Serve, acceptor: RecordingAcceptor) -> None:
     clock = FakeClock()
     limiter = FailureLimiter(max_failures=3, window_s=60, cooldown_s=30, clock=clock)
     running = serve(token_auth(pki, str(creds_dir / "worker-token")), limiter=limiter)
@@ -234,7 +234,7 @@ def test_repeated_failures_put_the_peer_in_a_cool_down(pki, creds_dir, serve, ac
     assert call(running.port, good).success
 
 
-def test_failure_limiter_window_and_bound():
+def test_failure_limiter_window_and_bound() -> None:
     clock = FakeClock()
     limiter = FailureLimiter(max_failures=3, window_s=10, cooldown_s=5, max_peers=8, clock=clock)
     for _ in range(5):   # spread out: never 3 within 10 s

@@ -6,7 +6,10 @@ import logging
 import math
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,7 +17,13 @@ import pytest
 from hivemind._proto import nodepool_pb2, nodepool_pb2_grpc
 from hivemind.config import ServerAuthConfig, ServerConfig
 from hivemind.errors import ConfigError
-from hivemind.server import Decision, ExecuteRequest, ServerStartError, start_worker_server
+from hivemind.server import (
+    Decision,
+    ExecuteRequest,
+    RunningServer,
+    ServerStartError,
+    start_worker_server,
+)
 from hivemind.server.auth import AuthMode, choose_mode, peer_address
 from hivemind.server.service import MAX_GB, MAX_SCORE
 
@@ -55,7 +64,7 @@ def acceptor() -> RecordingAcceptor:
 
 
 @pytest.fixture
-def server(acceptor):
+def server(acceptor: RecordingAcceptor) -> Iterator[RunningServer]:
     running = start_worker_server(legacy_cfg(max_message_mb=1), acceptor, logger=LOG,
                                   max_workers=2)
     yield running
@@ -65,17 +74,18 @@ def server(acceptor):
 
 
 @pytest.fixture
-def stub(server):
+def stub(server: RunningServer) -> Iterator[Any]:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield nodepool_pb2_grpc.WorkerNodeServiceStub(channel)
+        yield nodepool_pb2_grpc.WorkerNodeServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
-def execute(stub, task_id="task-1", task_zip=b"PK\x05\x06" + bytes(18), **kw):
+def execute(stub: Any, task_id: str = "task-1", task_zip: bytes = b"PK\x05\x06" + bytes(18),
+            **kw: Any) -> Any:
     req = nodepool_pb2.ExecuteTaskRequest(task_id=task_id, task_zip=task_zip, **kw)
     return stub.ExecuteTask(req, timeout=10)
 
 
-def test_execute_reaches_acceptor_with_typed_fields(server, stub, acceptor):
+def test_execute_reaches_acceptor_with_typed_fields(server: RunningServer, stub: Any, acceptor: RecordingAcceptor) -> None:
     resp = execute(stub, cpu_usage=1500.5, gpu_usage=0.0, memory_gb=2, gpu_memory_gb=0)
     assert resp.success and resp.message == "accepted task-1"
     (req,) = acceptor.executed
@@ -99,7 +109,7 @@ def test_execute_reaches_acceptor_with_typed_fields(server, stub, acceptor):
     ({"memory_gb": -5}, "memory_gb"),
     ({"gpu_memory_gb": MAX_GB + 1}, "gpu_memory_gb"),
 ])
-def test_bad_requests_refused_before_the_acceptor(stub, acceptor, fields, needle):
+def test_bad_requests_refused_before_the_acceptor(stub: Any, acceptor: RecordingAcceptor, fields: dict[str, Any], needle: str) -> None:
     resp = execute(stub, **fields)
     assert not resp.success
     assert needle in resp.message
@@ -107,7 +117,7 @@ def test_bad_requests_refused_before_the_acceptor(stub, acceptor, fields, needle
     assert acceptor.executed == []
 
 
-def test_acceptor_exception_is_internal_error_and_server_keeps_serving(stub, acceptor, caplog):
+def test_acceptor_exception_is_internal_error_and_server_keeps_serving(stub: Any, acceptor: RecordingAcceptor, caplog: pytest.LogCaptureFixture) -> None:
     acceptor.fail_with = RuntimeError("boom")
     with caplog.at_level(logging.ERROR, logger=LOG.name):
         resp = execute(stub)
@@ -117,7 +127,7 @@ def test_acceptor_exception_is_internal_error_and_server_keeps_serving(stub, acc
     assert execute(stub, task_id="task-2").success
 
 
-def test_stop_task_execution(stub, acceptor):
+def test_stop_task_execution(stub: Any, acceptor: RecordingAcceptor) -> None:
     resp = stub.StopTaskExecution(nodepool_pb2.StopTaskExecutionRequest(task_id="t9"), timeout=10)
     assert resp.success and acceptor.stopped[0][0] == "t9"
     bad = stub.StopTaskExecution(nodepool_pb2.StopTaskExecutionRequest(task_id="../x"), timeout=10)
@@ -130,13 +140,13 @@ def test_stop_task_execution(stub, acceptor):
     ("TaskOutput", nodepool_pb2.TaskOutputRequest),
     ("TaskUsage", nodepool_pb2.TaskUsageRequest),
 ])
-def test_pool_side_methods_unimplemented(stub, method, request_type):
+def test_pool_side_methods_unimplemented(stub: Any, method: str, request_type: Any) -> None:
     with pytest.raises(grpc.RpcError) as err:
         getattr(stub, method)(request_type(task_id="t"), timeout=10)
     assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_oversized_request_refused_by_grpc(stub, acceptor):
+def test_oversized_request_refused_by_grpc(stub: Any, acceptor: RecordingAcceptor) -> None:
     with pytest.raises(grpc.RpcError) as err:
         execute(stub, task_zip=b"x" * (2 * 1024 * 1024))   # server limit: 1 MiB
     assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -144,7 +154,7 @@ def test_oversized_request_refused_by_grpc(stub, acceptor):
     assert execute(stub).success
 
 
-def test_healthy_detects_hung_handlers_and_stop(server, stub, acceptor):
+def test_healthy_detects_hung_handlers_and_stop(server: RunningServer, stub: Any, acceptor: RecordingAcceptor) -> None:
     assert server.healthy()
     acceptor.block = threading.Event()
     # Both of the server's 2 threads get stuck in the acceptor: no call can be answered.
@@ -161,16 +171,16 @@ def test_healthy_detects_hung_handlers_and_stop(server, stub, acceptor):
     assert not server.healthy()
 
 
-def test_health_socket_answers_nothing_else(server):
+def test_health_socket_answers_nothing_else(server: RunningServer) -> None:
     channel = grpc.insecure_channel(f"unix:{server._health_dir / 'health.sock'}")
     with channel:
-        stub = nodepool_pb2_grpc.WorkerNodeServiceStub(channel)
+        stub = nodepool_pb2_grpc.WorkerNodeServiceStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as err:
             execute(stub)
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_port_in_use_is_a_clear_error(acceptor):
+def test_port_in_use_is_a_clear_error(acceptor: RecordingAcceptor) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
@@ -180,7 +190,7 @@ def test_port_in_use_is_a_clear_error(acceptor):
             start_worker_server(cfg, acceptor, logger=LOG)
 
 
-def test_auto_mode_choice(tmp_path):
+def test_auto_mode_choice(tmp_path: Path) -> None:
     assert choose_mode(ServerAuthConfig(cert_file="c", key_file="k", client_ca_file="ca",
                                         token_file="t")) is AuthMode.MTLS
     assert choose_mode(ServerAuthConfig(cert_file="c", key_file="k", token_file="t")) is AuthMode.TOKEN
@@ -196,7 +206,7 @@ def test_auto_mode_choice(tmp_path):
         choose_mode(ServerAuthConfig(mode="token", cert_file="c", key_file="k"))
 
 
-def test_bad_allow_list_entry_refuses_start(acceptor):
+def test_bad_allow_list_entry_refuses_start(acceptor: RecordingAcceptor) -> None:
     cfg = ServerConfig(listen_host="127.0.0.1", port=0,
                        auth=ServerAuthConfig(legacy_allowed_peers=["pool.example"]))
     with pytest.raises(ConfigError, match="not an IP"):
@@ -211,6 +221,6 @@ def test_bad_allow_list_entry_refuses_start(acceptor):
     ("unix:/run/x.sock", None),
     ("garbage", None),
 ])
-def test_peer_address(peer, ip):
+def test_peer_address(peer: str, ip: str | None) -> None:
     got = peer_address(peer)
     assert (str(got) if got is not None else None) == ip

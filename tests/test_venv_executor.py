@@ -6,12 +6,10 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from hivemind.executors.base import (
     TaskHandle,
     TaskSpec,
 )
-from hivemind.executors.proc import find_marked, group_members
+from hivemind.executors.proc import group_members
 from hivemind.executors.venv import MARKER_ENV, VenvExecutor
 
 LOG = logging.getLogger("test.venv_executor")
@@ -50,8 +48,6 @@ def base() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="hm-venvexec-"))
     d.chmod(0o755)
     yield d
-    leftovers = find_marked(MARKER_ENV, "", None)   # never matches: value is a task id
-    assert leftovers == []
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -290,12 +286,13 @@ def test_recover_after_daemon_restart(base: Path, cache_dir: Path) -> None:
     assert spec.task_id in ex.orphans()
     sink = Sink()
     ex.recover(handle, sink)
-    assert sink.wait_for("one")                          # the log is tailed again
     assert ex.wait(spec.task_id, 0.05) is None
     (spec.workspace / "go").touch()
+    assert sink.wait_for("two")                          # the log is tailed again
     result = ex.wait(spec.task_id, WAIT)
     assert result is not None and result.reason == ExitReason.EXITED and result.exit_code == 5
-    assert sink.texts("stdout")[-1] == "two"
+    # A saved how far it had read: "one" comes again only if A hadn't sent it yet.
+    assert sink.texts("stdout") in (["one", "two"], ["two"])
     assert ex.orphans() == []
     ex.cleanup(spec.task_id)
     with pytest.raises(TaskNotFound):
@@ -303,13 +300,14 @@ def test_recover_after_daemon_restart(base: Path, cache_dir: Path) -> None:
 
 
 def test_recover_then_stop(base: Path, cache_dir: Path) -> None:
-    spec = spec_for(base, "sleep 1000 &\necho up\nwait\n")
+    spec = spec_for(base, "sleep 1000 &\nwhile [ ! -e go ]; do sleep 0.01; done\necho up\nwait\n")
     out = subprocess.run([sys.executable, "-c", _DAEMON, str(base), str(cache_dir), spec.task_id,
                           str(spec.workspace)], capture_output=True, text=True, timeout=60, check=True)
     handle = TaskHandle(**json.loads(out.stdout.strip().splitlines()[-1]))
     ex = make_executor(base, cache_dir)
     sink = Sink()
     ex.recover(handle, sink)
+    (spec.workspace / "go").touch()
     assert sink.wait_for("up")
     ex.stop(spec.task_id, grace=1)
     result = ex.wait(spec.task_id, 0)
@@ -324,5 +322,3 @@ def test_unknown_task_raises(base: Path, cache_dir: Path) -> None:
         ex.wait("hmtest-nope")
     assert ex.stats("hmtest-nope") is None
     ex.cleanup("hmtest-nope")                             # idempotent, no error
-    os.kill(os.getpid(), 0)
-    assert signal.SIGTERM  # keep the import honest

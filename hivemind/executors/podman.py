@@ -60,7 +60,6 @@ from hivemind.executors.podman_adapter import (
     LogFrame,
     PodmanAdapter,
     PodmanError,
-    _epoch,
 )
 from hivemind.executors.podman_service import PodmanService
 
@@ -92,16 +91,13 @@ class _Run:
 
 
 def _lines(frames: Iterator[LogFrame], now: Callable[[], float]) -> Iterator[OutputLine]:
-    """Log frames (each prefixed with podman's timestamp) as whole lines per stream."""
+    """Log frames as whole lines per stream, stamped when read (podman's own log timestamps
+    have one-second resolution)."""
     partial: dict[str, str] = {}
     for frame in frames:
-        text = frame.data.decode("utf-8", errors="replace")
-        stamp, sep, body = text.partition(" ")
-        ts = _epoch(stamp) if sep else None
-        if ts is None:
-            body, ts = text, now()
-        buf = partial.pop(frame.stream, "") + body
+        buf = partial.pop(frame.stream, "") + frame.data.decode("utf-8", errors="replace")
         *complete, rest = buf.split("\n")
+        ts = now()
         for line in complete:
             yield OutputLine(ts, frame.stream, line)
         if rest:
@@ -121,6 +117,8 @@ class PodmanExecutor:
         self._state_dir = Path(state_dir)
         self._log = logger
         self._prepare_timeout = prepare_timeout_s
+        # An injected service belongs to the caller; only one made here is stopped by close().
+        self._owns_service = service is None
         self._service = service or PodmanService(cfg, logger)
         self._clock = clock
         self._interval = wait_interval
@@ -152,7 +150,8 @@ class PodmanExecutor:
             if self._adapter is not None:
                 self._adapter.close()
                 self._adapter = None
-        self._service.close()
+        if self._owns_service:
+            self._service.close()
 
     def _workspace_owner(self) -> tuple[int, int] | None:
         """Host uid:gid the workspace must belong to so the container's user can write it."""
@@ -273,7 +272,8 @@ class PodmanExecutor:
         api = self._api()
         cs = build_prepare_spec(spec, self._cfg, self._node, rootless=self.rootless,
                                 build_dir=str(build_dir))
-        api.remove(cs.name)
+        if self._ours(api, cs.name):
+            api.remove(cs.name)
         cid = api.create(cs)
         try:
             api.start(cid)
@@ -314,7 +314,8 @@ class PodmanExecutor:
         timeout_s = spec.limits.timeout_s
         if spec.entry.timeout_s is not None:
             timeout_s = min(timeout_s, spec.entry.timeout_s)
-        api.remove(cs.name)   # a leftover of an earlier attempt of this very task (our name)
+        if self._ours(api, cs.name):   # a leftover of an earlier attempt of this very task
+            api.remove(cs.name)
         cid = api.create(cs)
         st = api.inspect(cid)
         self._check_applied(spec.task_id, st, cs)
@@ -421,7 +422,7 @@ class PodmanExecutor:
             return
         with contextlib.suppress(OSError, ValueError):
             run.peak_memory = int((mem / "memory.max_usage_in_bytes").read_text())
-        cpuacct = Path(str(mem).replace("/memory/", "/cpu,cpuacct/"))
+        cpuacct = Path(str(mem).replace("/memory/", "/cpuacct/", 1))
         with contextlib.suppress(OSError, ValueError):
             run.cpu_ns = int((cpuacct / "cpuacct.usage").read_text())
 
@@ -451,8 +452,10 @@ class PodmanExecutor:
             run = self._runs.get(task_id)
         if run is None:
             for role in ("task", "prepare"):
-                with contextlib.suppress(TaskNotFound):
-                    api.stop(container_name(self._node, task_id, role), timeout=grace)
+                name = container_name(self._node, task_id, role)
+                if self._ours(api, name):
+                    with contextlib.suppress(TaskNotFound):
+                        api.stop(name, timeout=grace)
             return
         if run.done.is_set():
             return
@@ -490,9 +493,19 @@ class PodmanExecutor:
         if run is not None and run.timer is not None:
             run.timer.cancel()
         for role in ("task", "prepare"):
-            api.remove(container_name(self._node, task_id, role))
-        if run is not None and run.container_id:
+            name = container_name(self._node, task_id, role)
+            if self._ours(api, name):
+                api.remove(name)
+        if run is not None and run.container_id and self._ours(api, run.container_id):
             api.remove(run.container_id)
+
+    def _ours(self, api: PodmanAdapter, ref: str) -> bool:
+        """Only containers carrying our labels are ever stopped or removed."""
+        try:
+            labels = api.inspect(ref).labels
+        except TaskNotFound:
+            return False
+        return labels.get(LABEL_MANAGED) == "1" and labels.get(LABEL_NODE) == self._node
 
     def orphans(self) -> list[str]:
         found = self._api().list_labelled({LABEL_MANAGED: "1", LABEL_NODE: self._node})

@@ -180,9 +180,8 @@ class PodmanAdapter:
         return out
 
     def logs(self, ref: str, *, follow: bool, since: float | None = None) -> Iterator[LogFrame]:
-        """Log frames with podman's timestamps prefixed; ends when the container stops (follow)."""
-        params: dict[str, Any] = {"follow": follow, "stdout": True, "stderr": True,
-                                  "timestamps": True}
+        """Log frames; with follow, the stream ends when the container stops."""
+        params: dict[str, Any] = {"follow": follow, "stdout": True, "stderr": True}
         if since is not None:
             params["since"] = str(int(since))
         resp = self._call("logs", ref, "get", f"/containers/{ref}/logs", params, stream=True)

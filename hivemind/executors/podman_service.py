@@ -63,12 +63,14 @@ def _socket_path(uri: str) -> str:
 class PodmanService:
     def __init__(self, cfg: PodmanConfig, logger: logging.Logger, *,
                  podman_bin: str = "podman", start_timeout_s: float = 15.0,
-                 euid: Callable[[], int] = os.geteuid) -> None:
+                 euid: Callable[[], int] = os.geteuid,
+                 rootful_socket: str = ROOTFUL_SOCKET) -> None:
         self._cfg = cfg
         self._log = logger
         self._bin = podman_bin
         self._start_timeout = start_timeout_s
         self._euid = euid
+        self._rootful_socket = rootful_socket
         self._proc: subprocess.Popen[bytes] | None = None
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the service
         self._uri: str | None = None
@@ -98,7 +100,7 @@ class PodmanService:
         if self._cfg.socket:
             return _socket_path(self._cfg.socket)
         user = self.service_user()
-        return ROOTFUL_SOCKET if user is None else f"{user.runtime_dir}/podman/podman.sock"
+        return self._rootful_socket if user is None else f"{user.runtime_dir}/podman/podman.sock"
 
     @property
     def owned(self) -> bool:

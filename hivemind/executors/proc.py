@@ -214,8 +214,8 @@ def _proc_stats() -> Iterator[tuple[int, int, int, float]]:
             continue  # exited while we looked
         # comm (field 2) may hold spaces and parentheses: split after its last ')'.
         fields = raw[raw.rfind(b")") + 2:].split()
-        if len(fields) < 22:
-            continue
+        if len(fields) < 22 or fields[0] == b"Z":
+            continue  # zombies hold no memory and can't be signalled; their reaper owns them
         ticks = sum(int(x) for x in fields[11:15])     # utime stime cutime cstime
         yield int(name), int(fields[2]), int(fields[21]) * _PAGE, ticks / _CLK_TCK
 
@@ -226,6 +226,29 @@ def signal_group(pgid: int, sig: int) -> bool:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         return False
+    return True
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    return raw[raw.rfind(b")") + 2:][:1] != b"Z"
+
+
+def wait_gone(pids: Callable[[], list[int]], timeout: float) -> bool:
+    """Poll until `pids()` lists no running process: kill() only queues a signal, and the
+    target dies when next scheduled. False if some were still running at `timeout`."""
+    end = time.monotonic() + timeout
+    delay = 0.001
+    while any(is_running(p) for p in pids()):
+        if time.monotonic() > end:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
     return True
 
 
@@ -282,8 +305,14 @@ def process_start_time(pid: int) -> float | None:
 
 
 def same_process(pid: int, create_time: float) -> bool:
-    now = process_start_time(pid)
-    return now is not None and abs(now - create_time) < 0.1
+    """The process `pid` started at `create_time` still runs (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - create_time) < 0.1 and p.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 @dataclass(frozen=True)

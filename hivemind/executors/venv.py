@@ -77,12 +77,14 @@ from hivemind.executors.proc import (
     chown_tree,
     clamp_to_hard,
     find_marked,
+    group_members,
     lookup_user,
     may_access,
     process_start_time,
     same_process,
     sample_group,
     signal_group,
+    wait_gone,
     write_atomic,
 )
 from hivemind.executors.venv_cache import VenvCache
@@ -91,6 +93,7 @@ HANDLE_VERSION = 1
 MARKER_ENV = "HIVEMIND_TASK_ID"
 _WRAPPER = 'exec 3<&0 </dev/null; "$@" 3>&-; echo $? >&3'
 _SAMPLE_S = 1.0
+_GONE_S = 10.0       # how long a SIGKILLed process may take to die before we give up waiting
 _OOM_PATTERNS = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
 _SIGXCPU_CODES = (128 + signal.SIGXCPU, -signal.SIGXCPU)
 
@@ -372,12 +375,14 @@ class VenvExecutor:
             # killed without hitting a reused pgid. Kill first, reap after.
             if task.proc is not None:
                 signal_group(task.pid, signal.SIGKILL)
+                wait_gone(lambda: group_members(task.pid), _GONE_S)
                 _, status, ru = os.wait4(task.pid, 0)
                 task.proc.returncode = code = os.waitstatus_to_exitcode(status)
                 task.peak_rss = max(task.peak_rss, ru.ru_maxrss * 1024)
                 cpu = max(cpu or 0.0, ru.ru_utime + ru.ru_stime)
             else:
                 self._kill_members(task, signal.SIGKILL)
+                wait_gone(lambda: self._members(task), _GONE_S)
             task.reaped = True
             if task.pidfd >= 0:
                 os.close(task.pidfd)
@@ -467,20 +472,31 @@ class VenvExecutor:
         """Signal a recovered task's group member by member: its leader may have been reaped by
         init and its pgid reused, so only processes of the task user that started after the task
         are signalled."""
+        for pid in self._members(task):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def _members(self, task: _Task) -> list[int]:
         import psutil
 
-        for p in psutil.process_iter(["pid"]):
+        found: list[int] = []
+        for pid in group_members(task.pid):
             try:
-                if (os.getpgid(p.pid) == task.pid and p.create_time() >= task.create_time - 0.1
+                p = psutil.Process(pid)
+                if (p.create_time() >= task.create_time - 0.1
                         and (task.uid is None or p.uids().real == task.uid)):
-                    p.send_signal(sig)
-            except (psutil.Error, ProcessLookupError, PermissionError):
+                    found.append(pid)
+            except psutil.Error:
                 continue
+        return found
 
     def _kill_escaped(self, task: _Task) -> None:
-        for pid in find_marked(MARKER_ENV, task.task_id, task.uid):
+        pids = find_marked(MARKER_ENV, task.task_id, task.uid)
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        if pids:
+            wait_gone(lambda: pids, _GONE_S)
 
     def stats(self, task_id: str) -> Usage | None:
         with self._lock:
@@ -523,9 +539,12 @@ class VenvExecutor:
         pid, ct = int(st["pid"]), float(st["create_time"])
         if same_process(pid, ct):
             signal_group(pid, signal.SIGKILL)
-        for p in find_marked(MARKER_ENV, log_dir.name, st.get("uid")):
+            wait_gone(lambda: group_members(pid), _GONE_S)
+        pids = find_marked(MARKER_ENV, log_dir.name, st.get("uid"))
+        for p in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
+        wait_gone(lambda: pids, _GONE_S)
 
     def orphans(self) -> list[str]:
         """Ids of tasks in the registry (STATE_DIR/venv-tasks) whose process is still alive,

@@ -81,7 +81,7 @@ _TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 _UPLOAD_ENDS: dict[Outcome, frozenset[TaskState]] = {
     Outcome.SUCCEEDED: frozenset({TaskState.DONE, TaskState.FAILED}),
     Outcome.FAILED: frozenset({TaskState.FAILED}),
-    Outcome.STOPPED: frozenset({TaskState.STOPPED, TaskState.FAILED, TaskState.DONE}),
+    Outcome.STOPPED: frozenset({TaskState.STOPPED, TaskState.FAILED}),
 }
 
 _EPS = 1e-9
@@ -285,7 +285,7 @@ class Lifecycle:
                 raise IllegalTransition(
                     f"task {rec.task_id}: outcome {rec.outcome} can't end in {to}")
             outcome = rec.outcome
-        if False:
+        if to is TaskState.DONE and outcome is not Outcome.SUCCEEDED:
             raise IllegalTransition(f"task {rec.task_id}: done needs outcome succeeded")
         fields: dict[str, Any] = {k: v for k, v in info.items() if k != "outcome"}
         return replace(
