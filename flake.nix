@@ -64,10 +64,9 @@
 
       devShells = forAllSystems (system: pkgs: {
         default = pkgs.mkShell {
-          inputsFrom = [ self.packages.${system}.worker self.packages.${system}.native ];
+          inputsFrom = [ self.packages.${system}.native ];
           packages = [
-            (pkgs.python3.withPackages (ps: self.packages.${system}.worker.dependencies
-              ++ (import ./nix/test-deps.nix ps)))
+            (pkgs.python3.withPackages (ps: import ./nix/python-deps.nix ps ++ import ./nix/test-deps.nix ps))
             pkgs.go
             pkgs.podman
             pkgs.ruff

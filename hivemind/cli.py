@@ -10,6 +10,7 @@ Exit codes (also in README):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +93,9 @@ def _print_problems(err: ConfigError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's fork handlers only log noise here: children are always exec'd (subprocess), never
+    # plain-forked (a loaded Go runtime would hang in such a child anyway).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check-config":

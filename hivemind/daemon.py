@@ -99,9 +99,10 @@ class Daemon:
         self.metrics = open_metrics(cfg.metrics.backend, cfg.metrics.native_library, self.log)
         self.view_state.metrics_backend = self.metrics.backend
         snap = self.metrics.snapshot(str(cfg.state_dir))
-        score = cpu_score(cfg.state_dir)
-        per_core = cfg.resources.cpu_score_per_core or float(score.per_core)
-        gpus = detect_gpus() if cfg.resources.gpu == "auto" else []
+        score = cpu_score(cfg.state_dir, per_core_override=cfg.resources.cpu_score_per_core)
+        per_core = float(score.per_core)
+        self.gpu_detection = detect_gpus() if cfg.resources.gpu == "auto" else None
+        gpus = self.gpu_detection.gpus if self.gpu_detection is not None else ()
         self.gpus = gpus
         self.executor, self.executor_status = select_executor(cfg, self.log)
         cores = snap.cpu_count
@@ -145,20 +146,28 @@ class Daemon:
             rec = self.lifecycle.get(info["task_id"])
             if rec is not None and rec.started_at:
                 self.prom.observe_start_latency(max(0.0, rec.started_at - rec.accepted_at))
-        if name == "state" and self.session is not None:
-            self.session.poke()  # Idle/Busy may have changed: tell the pool now
+        if name == "state":
+            self._count_states()
+            if self.session is not None:
+                self.session.poke()  # Idle/Busy may have changed: tell the pool now
+
+    def _count_states(self) -> None:
+        counts: dict[str, int] = {}
+        for rec in self.lifecycle.tasks():
+            counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
+        self.prom.task_state(counts)
 
     # -- node facts for the pool ----------------------------------------------------------------
     def node_info(self) -> NodeInfo:
         cap = self.worker.capacity
-        gpu_mem = sum(int(getattr(g, "memory_total_mb", 0)) for g in self.gpus) // 1024
+        gpu_mem = sum(g.memory_total_mib for g in self.gpus) // 1024
         from hivemind.metrics.gpu import gpu_score
 
         return NodeInfo(
             node_id=self.cfg.node_id, hostname=advertised_host(self.cfg),
             port=self.cfg.server.advertise_port or (self.server.port if self.server else self.cfg.server.port),
             cpu_cores=int(cap.total_cpus), memory_gb=int(cap.total_memory_bytes // GIB),
-            cpu_score=self.cpu_score_total, gpu_score=int(sum(gpu_score(g) for g in self.gpus)),
+            cpu_score=self.cpu_score_total, gpu_score=sum(gpu_score(g) for g in self.gpus),
             gpu_memory_gb=gpu_mem, gpu_name=self.gpus[0].name if self.gpus else "",
             location=self.cfg.node.location, docker_status=self.docker_status())
 
@@ -278,10 +287,7 @@ class Daemon:
             self.log.debug("metrics snapshot failed: %s", exc)
         cap = self.worker.capacity
         reserved = self.lifecycle.reserved()
-        counts: dict[str, int] = {}
-        for rec in self.lifecycle.tasks():
-            counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
-        self.prom.task_state(counts)
+        self._count_states()
         self.prom.results_pending(self.uploader_pending())
         self.prom.resources(total_cpus=cap.total_cpus, reserved_cpus=cap.reserve_cpus, allocated_cpus=reserved.cpus,
                             total_mem=cap.total_memory_bytes,

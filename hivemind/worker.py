@@ -23,6 +23,7 @@ from hivemind.archive import ArchiveRules
 from hivemind.config import Config
 from hivemind.errors import ArchiveRejected, TaskNotFound
 from hivemind.executors.base import Executor, ExitReason, ExitResult, Limits, TaskHandle
+from hivemind.metrics.cpuscore import cpus_for_score
 from hivemind.output import OutputStreamer, TaskOutput
 from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
 from hivemind.server.service import Decision, ExecuteRequest
@@ -49,16 +50,6 @@ class Capacity:
         return Resources(cpus=max(0.0, self.total_cpus - self.reserve_cpus),
                          memory_bytes=max(0, self.total_memory_bytes - self.reserve_memory_bytes),
                          gpus=self.gpus, slots=self.slots)
-
-
-def cpus_for_score(score: float, per_core: float, max_cpus: float) -> float:
-    """A requested CPU score in the pool's benchmark units → a CPU quota in cores.
-
-    cores = score / per_core_score, at least 0.1 core, at most what tasks may have; a request of
-    0 (the pool sends 0 when the user asked for nothing) gets one core."""
-    if score <= 0 or per_core <= 0:
-        return min(1.0, max_cpus)
-    return round(min(max(score / per_core, 0.1), max_cpus), 3)
 
 
 class Worker:
@@ -170,7 +161,9 @@ class Worker:
         memory = (req.memory_gb or self.cfg.resources.default_memory_gb) * GIB
         if memory > cap.memory_bytes:
             return f"requested {req.memory_gb} GiB memory but this node gives tasks at most {cap.memory_bytes // GIB} GiB"
-        cpus = cpus_for_score(req.cpu_score, self.capacity.cpu_score_per_core, cap.cpus)
+        if cap.cpus <= 0:
+            return "this node keeps all its CPUs for the system (resources.reserve_cpus)"
+        cpus = cpus_for_score(req.cpu_score, int(self.capacity.cpu_score_per_core), cap.cpus)
         return Resources(cpus=cpus, memory_bytes=memory, slots=1)
 
     def _limits(self, granted: Resources) -> Limits:

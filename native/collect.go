@@ -53,6 +53,8 @@ type Collector struct {
 	prevIdle  uint64
 	havePrev  bool
 	buf       [65536]byte
+	files     map[string]*openFile
+	tick      uint64
 }
 
 func NewCollector() *Collector {
@@ -61,24 +63,55 @@ func NewCollector() *Collector {
 
 var errNotExist = errors.New("no such file")
 
+// maxOpenFiles bounds the descriptors one collector keeps open: 6 files per cgroup for about
+// 20 cgroups, plus /proc/stat and /proc/meminfo.
+const maxOpenFiles = 128
+
+// openFile is a descriptor kept between snapshots. Re-reading from offset 0 makes procfs and
+// cgroupfs generate fresh contents, and skips the path walk of open(2): ten times cheaper for
+// a cgroup file than open+read+close.
+type openFile struct {
+	fd      int
+	lastUse uint64
+}
+
 // read returns the start of a file (up to len(buf)) in the shared buffer; valid until the next read.
 func (c *Collector) read(path string) ([]byte, error) {
+	c.tick++
+	if f, ok := c.files[path]; ok {
+		if b, err := c.readFd(f.fd); err == nil {
+			f.lastUse = c.tick
+			return b, nil
+		}
+		// ENODEV: the cgroup was removed (and maybe made again); look the path up afresh.
+		syscall.Close(f.fd)
+		delete(c.files, path)
+	}
 	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
-		if err == syscall.ENOENT {
+		if err == syscall.ENOENT || err == syscall.ENOTDIR {
 			return nil, errNotExist
 		}
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	defer syscall.Close(fd)
+	b, err := c.readFd(fd)
+	if err != nil {
+		syscall.Close(fd)
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	c.keep(path, fd)
+	return b, nil
+}
+
+func (c *Collector) readFd(fd int) ([]byte, error) {
 	n := 0
 	for n < len(c.buf) {
-		m, err := syscall.Read(fd, c.buf[n:])
+		m, err := syscall.Pread(fd, c.buf[n:], int64(n))
 		if err == syscall.EINTR {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read %s: %w", path, err)
+			return nil, err
 		}
 		if m == 0 {
 			break
@@ -86,6 +119,31 @@ func (c *Collector) read(path string) ([]byte, error) {
 		n += m
 	}
 	return c.buf[:n], nil
+}
+
+func (c *Collector) keep(path string, fd int) {
+	if c.files == nil {
+		c.files = make(map[string]*openFile)
+	}
+	if len(c.files) >= maxOpenFiles {
+		oldest, oldestUse := "", ^uint64(0)
+		for p, f := range c.files {
+			if f.lastUse < oldestUse {
+				oldest, oldestUse = p, f.lastUse
+			}
+		}
+		syscall.Close(c.files[oldest].fd)
+		delete(c.files, oldest)
+	}
+	c.files[path] = &openFile{fd: fd, lastUse: c.tick}
+}
+
+// Close releases every kept descriptor; the collector stays usable.
+func (c *Collector) Close() {
+	for p, f := range c.files {
+		syscall.Close(f.fd)
+		delete(c.files, p)
+	}
 }
 
 // Collect fills s. cgroupPath is relative to each hierarchy; "" skips the cgroup.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -177,5 +178,58 @@ func TestSysinfoLoadMatchesProc(t *testing.T) {
 	}
 	if d := a.Load1 - b.Load1; d > 0.05 || d < -0.05 {
 		t.Errorf("sysinfo load1 %v vs /proc/loadavg %v", a.Load1, b.Load1)
+	}
+}
+
+// Kept descriptors must see new contents.
+func TestKeptFilesAreReadFresh(t *testing.T) {
+	c := fixture(t)
+	defer c.Close()
+	root := filepath.Dir(c.ProcRoot)
+	var s Snapshot
+	if err := c.Collect("/", "", &s); err != nil {
+		t.Fatal(err)
+	}
+	write(t, root, "proc/meminfo", "MemTotal: 4096 kB\nMemAvailable: 1 kB\n") // in place: same inode
+	if err := c.Collect("/", "", &s); err != nil || s.MemTotal != 4096*1024 {
+		t.Fatalf("after rewrite: %v %d", err, s.MemTotal)
+	}
+}
+
+func TestFileCacheIsBounded(t *testing.T) {
+	c := fixture(t)
+	defer c.Close()
+	dir := t.TempDir()
+	for i := 0; i < maxOpenFiles+50; i++ {
+		p := filepath.Join(dir, fmt.Sprint(i))
+		write(t, dir, fmt.Sprint(i), "1\n")
+		if c.readUint(p) != 1 {
+			t.Fatal("read failed")
+		}
+	}
+	if len(c.files) > maxOpenFiles {
+		t.Errorf("%d files kept open", len(c.files))
+	}
+	c.Close()
+	if len(c.files) != 0 {
+		t.Errorf("%d files open after Close", len(c.files))
+	}
+}
+
+func TestProcStatThroughKeptDescriptorAdvances(t *testing.T) {
+	c := NewCollector()
+	defer c.Close()
+	b, err := c.read("/proc/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t1, _, _ := parseStatCPU(b)
+	for i, x := 0, 0; i < 50_000_000; i++ { // burn a little CPU so the tick counters move
+		x += i
+	}
+	b, _ = c.read("/proc/stat")
+	t2, _, _ := parseStatCPU(b)
+	if t2 <= t1 {
+		t.Errorf("cpu ticks didn't advance through the kept descriptor: %d then %d", t1, t2)
 	}
 }

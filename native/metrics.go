@@ -60,10 +60,14 @@ func hm_open() C.int {
 func hm_close(handle C.int) C.int {
 	handlesMu.Lock()
 	defer handlesMu.Unlock()
-	if _, ok := handles[handle]; !ok {
+	h, ok := handles[handle]
+	if !ok {
 		return -1
 	}
 	delete(handles, handle)
+	h.mu.Lock() // wait out a snapshot in flight on another thread
+	h.col.Close()
+	h.mu.Unlock()
 	return 0
 }
 

@@ -12,24 +12,12 @@ let
   cfg = config.services.hivemind-worker;
   yaml = pkgs.formats.yaml { };
 
-  unitSpec = lib.importJSON ../units/hivemind-worker.unit.json;
-  # Entries without a key are comments; debian_only entries are replaced by the options below.
-  directives = builtins.filter (e: e ? key && !(e.debian_only or false)) unitSpec.directives;
-  inSection = section: builtins.filter (e: e.section == section) directives;
-
   substitute = builtins.replaceStrings
     [ "@bin@" "@config@" "@kill@" ]
     [ (lib.getExe cfg.package) "${configFile}" "${pkgs.coreutils}/bin/kill" ];
 
-  # [{key, value}] -> { key = value; } with repeated keys (or list values) as lists.
-  toDirectives = entries: lib.mapAttrs
-    (_: values: let flat = lib.flatten values; in
-      if builtins.length flat == 1 then builtins.head flat else flat)
-    (lib.zipAttrs (map
-      (e: { ${e.key} = if builtins.isList e.value then map substitute e.value else substitute e.value; })
-      entries));
-
-  unitDirectives = toDirectives (inSection "Unit");
+  directives = import ./unit-directives.nix { inherit substitute; };
+  unitDirectives = directives.unit;
   splitWords = key: lib.splitString " " (unitDirectives.${key} or "");
 
   # A secret option: an absolute path as a string, so the file never enters the Nix store.
@@ -197,7 +185,6 @@ in
     }];
 
     services.hivemind-worker.settings = {
-      node.state_dir = stateDir;
       logging.target = mkDefault "journal";
       executor.podman.image = mkIf (cfg.taskImage != null) (mkDefault taskImageRef);
     };
@@ -226,7 +213,7 @@ in
       description = unitDirectives.Description;
       wants = splitWords "Wants";
       after = splitWords "After";
-      wantedBy = [ "multi-user.target" ];
+      wantedBy = lib.splitString " " directives.install.WantedBy;
       restartTriggers = [ configFile ];
 
       # newuidmap/newgidmap must be the setuid wrappers, so /run/wrappers comes first.
@@ -235,7 +222,7 @@ in
       unitConfig = lib.mapAttrs (_: mkDefault)
         (builtins.removeAttrs unitDirectives [ "Description" "Wants" "After" ]);
 
-      serviceConfig = lib.mapAttrs (_: mkDefault) (toDirectives (inSection "Service")) // {
+      serviceConfig = lib.mapAttrs (_: mkDefault) directives.service // {
         ExecStartPre =
           lib.optional (cfg.taskImage != null) "${loadTaskImage}"
           ++ [ "${lib.getExe cfg.package} check-config --config ${configFile}" ];

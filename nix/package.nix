@@ -29,18 +29,7 @@ python3Packages.buildPythonApplication {
 
   build-system = with python3Packages; [ setuptools wheel grpcio-tools ];
 
-  dependencies = with python3Packages; [
-    grpcio
-    protobuf
-    podman
-    psutil
-    sdnotify
-    systemd
-    pyyaml
-    falcon
-    waitress
-    prometheus-client
-  ];
+  dependencies = import ./python-deps.nix python3Packages;
 
   # nixpkgs moves these independently of PyPI; the code needs only their stable APIs.
   pythonRelaxDeps = [ "grpcio" "protobuf" "podman" ];

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -98,8 +100,11 @@ class WorkerProc:
 
 def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], *,
                         extra: dict[str, Any] | None = None) -> WorkerProc:
-    state = tmp / "state"
-    state.mkdir(parents=True, exist_ok=True)
+    # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
+    # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
+    state = Path(tempfile.mkdtemp(prefix="hivemind-e2e-", dir="/var/tmp"))
+    state.chmod(0o711)
+    (tmp / "state-dir").write_text(str(state))
     pw = tmp / "pool-password"
     pw.write_text(WORKER_PASSWORD + "\n")
     pw.chmod(0o600)
@@ -133,6 +138,7 @@ def running_worker(w: WorkerProc, pool: DevPool) -> Iterator[WorkerProc]:
         yield w
     finally:
         rc = w.terminate()
+        shutil.rmtree(w.state_dir, ignore_errors=True)
         assert rc == 0, f"worker exited with {rc}:\n{w.log()[-3000:]}"
 
 

@@ -23,6 +23,10 @@ from hivemind._proto import hivemind_ext_pb2, hivemind_ext_pb2_grpc, nodepool_pb
 from hivemind.devpool import COMPLETED, FAILED, QUEUED, RUNNING, DevPool, PoolTimings, jwt
 from hivemind.devpool.dispatch import execute_deadline_s
 
+# The generated stubs are untyped; typed-as-Any aliases keep strict mypy quiet about them.
+_pb_grpc: Any = nodepool_pb2_grpc
+_ext_grpc: Any = hivemind_ext_pb2_grpc
+
 WORKER_HOST = "127.0.0.2"
 INTERNAL_DETAILS = "Exception deserializing request!"
 START = 1_700_000_000.0
@@ -55,9 +59,9 @@ def wait_for(predicate: Callable[[], bool], what: str, limit_s: float = 15.0) ->
 def call_stubs(address: str) -> tuple[grpc.Channel, Any, Any, Any, Any, Any]:
     ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 1 << 30),
                                                  ("grpc.max_receive_message_length", 1 << 30)])
-    return (ch, nodepool_pb2_grpc.UserServiceStub(ch), nodepool_pb2_grpc.NodeManagerServiceStub(ch),
-            nodepool_pb2_grpc.MasterNodeServiceStub(ch), nodepool_pb2_grpc.WorkerNodeServiceStub(ch),
-            hivemind_ext_pb2_grpc.ResultTransferStub(ch))
+    return (ch, _pb_grpc.UserServiceStub(ch), _pb_grpc.NodeManagerServiceStub(ch),
+            _pb_grpc.MasterNodeServiceStub(ch), _pb_grpc.WorkerNodeServiceStub(ch),
+            _ext_grpc.ResultTransferStub(ch))
 
 
 def login(users: Any, username: str, password: str) -> str:
@@ -101,7 +105,7 @@ class FakeWorker:
     def start(self) -> None:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                                    options=[("grpc.max_receive_message_length", 1 << 30)])
-        nodepool_pb2_grpc.add_WorkerNodeServiceServicer_to_server(_WorkerServicer(self), self._server)
+        _pb_grpc.add_WorkerNodeServiceServicer_to_server(_WorkerServicer(self), self._server)
         self.port = self._server.add_insecure_port(f"{WORKER_HOST}:0")
         self._server.start()
         self._ch, self.users, self.nodes, _, self.worker_stub, _ = call_stubs(self.pool.address)
@@ -314,8 +318,10 @@ def test_calls_without_a_valid_token_get_internal(pool: DevPool, stubs: tuple[An
 def test_worker_half_is_unimplemented_and_token_fields_are_checked(pool: DevPool, stubs: tuple[Any, ...]) -> None:
     users, _, master, worker, _ = stubs
     token = login(users, "alice", "alice-pw")
-    for call in (lambda: worker.ExecuteTask(nodepool_pb2.ExecuteTaskRequest(task_id="t"), metadata=bearer(token)),
-                 lambda: worker.StopTaskExecution(nodepool_pb2.StopTaskExecutionRequest(task_id="t"), metadata=bearer(token))):
+    calls: list[Callable[[], Any]] = [
+        lambda: worker.ExecuteTask(nodepool_pb2.ExecuteTaskRequest(task_id="t"), metadata=bearer(token)),
+        lambda: worker.StopTaskExecution(nodepool_pb2.StopTaskExecutionRequest(task_id="t"), metadata=bearer(token))]
+    for call in calls:
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -85,7 +85,7 @@ def test_task_output_streams_while_running_and_result_returns(tmp_path: Path, po
             f"http://127.0.0.1:{w.status_port}/api/v1/tasks/stream-1").read())["state"] == "done", 10,
             "state done in the status API")
         assert body["task_id"] == "stream-1"
-    assert not list((w.state_dir / "tasks").iterdir()), "task files left behind after the result was delivered"
+        assert not list((w.state_dir / "tasks").iterdir()), "task files left after the result was delivered"
 
 
 def test_stop_mid_task_returns_a_partial_result(tmp_path: Path, pool) -> None:

@@ -270,7 +270,7 @@ def test_execute_fuzz(execute_target: FuzzTarget) -> None:
         assert outcomes["accepted"] > 0 and outcomes["refused"] > 0, outcomes
 
 
-def test_leak_check_can_fail(tmp_path) -> None:
+def test_leak_check_can_fail(tmp_path: Path) -> None:
     """The default target's leak check notices a leftover, so a pass means something."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()

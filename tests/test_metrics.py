@@ -123,10 +123,12 @@ def v1_cgroup() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
             import sys, time
             sys.stdin.readline()
-            block = bytearray(32 << 20)
-            for i in range(0, len(block), 4096): block[i] = 1
-            print("ready", flush=True)
-            sys.stdin.readline()
+            blocks = []
+            while sys.stdin.readline():
+                block = bytearray(32 << 20)
+                for i in range(0, len(block), 4096): block[i] = 1
+                blocks.append(block)
+                print("ready", flush=True)
         """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         for c in V1_CONTROLLERS:
             (base / c / name / "cgroup.procs").write_text(str(child.pid))
@@ -140,7 +142,9 @@ def v1_cgroup() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             child.kill()
             child.wait(timeout=30)
         for d in reversed(made):
-            for _ in range(50):  # the kernel frees a cgroup shortly after its last task exits
+            for _ in range(50):
+                if not d.exists():
+                    break  # the kernel frees a cgroup shortly after its last task exits
                 try:
                     d.rmdir()
                     break
@@ -169,6 +173,37 @@ def test_backends_agree_on_a_real_v1_cgroup(library: Path,
     assert abs(n.memory_current - p.memory_current) <= 0.05 * n.memory_current
     assert n.memory_peak is not None and n.memory_peak >= n.memory_current
     assert 0 < n.cpu_usage_ns <= p.cpu_usage_ns <= n2.cpu_usage_ns  # read in that order
+
+
+def test_native_sees_a_cgroup_change_and_its_removal(
+        library: Path, v1_cgroup: tuple[str, subprocess.Popen[bytes]]) -> None:
+    """The library keeps cgroup files open between snapshots: it must still see new values,
+    must not keep the cgroup from being removed, and must then report it gone."""
+    path, child = v1_cgroup
+    assert child.stdin is not None and child.stdout is not None
+    src = open_metrics("native", library_path=str(library))
+    try:
+        before = src.snapshot("/", path).cgroup
+        child.stdin.write(b"more\n")  # another 32 MiB
+        child.stdin.flush()
+        assert child.stdout.readline() == b"ready\n"
+        after = src.snapshot("/", path).cgroup
+        assert before is not None and after is not None
+        assert after.memory_current - before.memory_current >= 30 << 20
+        child.kill()
+        child.wait(timeout=30)
+        name = path.strip("/")
+        for c in V1_CONTROLLERS:
+            for _ in range(50):  # the kernel frees a cgroup shortly after its last task exits
+                try:
+                    (Path("/sys/fs/cgroup") / c / name).rmdir()  # while the library holds files
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            assert not (Path("/sys/fs/cgroup") / c / name).exists()
+        assert src.snapshot("/", path).cgroup is None
+    finally:
+        src.close()
 
 
 def test_missing_cgroup_is_none_for_both(library: Path) -> None:
@@ -359,3 +394,28 @@ def test_subprocess_and_grpc_work_after_loading_the_go_runtime(library: Path) ->
     r = subprocess.run([sys.executable, "-c", FORK_SAFETY_CHILD, str(library)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stdout + r.stderr
+
+
+def test_forked_child_gets_an_error_instead_of_a_hang(library: Path) -> None:
+    src = open_metrics("native", library_path=str(library))
+    src.snapshot()
+    pid = os.fork()
+    if pid == 0:  # child: must not call into Go
+        try:
+            src.snapshot()
+        except MetricsError:
+            os._exit(0)
+        os._exit(1)
+    try:
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        src.close()

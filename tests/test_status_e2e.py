@@ -60,7 +60,7 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     assert st["executor"]["name"] == "venv" and st["executor"]["isolation"] == "process"
     assert st["security"]["insecure"] is True and st["slots"]["used"] == 1
     assert st["metrics_backend"] in ("native", "psutil")
-    tasks = json.loads(http("GET", f"{base}/api/v1/tasks")[1])
+    tasks = json.loads(http("GET", f"{base}/api/v1/tasks")[1])["tasks"]
     assert [t["task_id"] for t in tasks] == ["status-run-1"]
     one = json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1])
     assert any("tick" in line for line in one["output_tail"])

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,17 @@ def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
         key, _, value = line.partition("=")
         sections[section][key].append(value)
     return sections
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_systemd_analyze_marker() -> Iterator[None]:
+    # systemd-analyze's offline manager writes this marker when no systemd runs; remove it if
+    # these tests created it.
+    marker = Path("/run/systemd/systemd-units-load")
+    existed = marker.exists()
+    yield
+    if not existed:
+        marker.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,8 @@ def nothing_left_behind() -> Iterator[None]:
 
 def _is_test_task(p: psutil.Process) -> bool:
     try:
-        return p.environ().get(MARKER_ENV, "").startswith("hmtest-")
+        return (p.status() != psutil.STATUS_ZOMBIE
+                and p.environ().get(MARKER_ENV, "").startswith("hmtest-"))
     except psutil.Error:
         return False
 
@@ -173,7 +174,8 @@ def test_python_entry_uses_the_venv(base: Path, cache_dir: Path) -> None:
 def test_stop_kills_background_and_escaped_children(base: Path, cache_dir: Path) -> None:
     ex = make_executor(base, cache_dir)
     spec = spec_for(base, "trap '' TERM\nsleep 1000 & echo $! > bg.pid\n"
-                          "setsid sleep 1001 & echo $! > escaped.pid\necho started\nwait\n")
+                          "setsid sh -c 'echo $$ > escaped.tmp; mv escaped.tmp escaped.pid; exec sleep 1001' &\n"
+                          "while [ ! -e escaped.pid ]; do sleep 0.01; done\necho started\nwait\n")
     sink = Sink()
     ex.prepare(spec, sink, threading.Event())
     handle = ex.start(spec, sink)

@@ -3,8 +3,7 @@ pool (shared/PROTOCOL.md), plus the chunked result upload of proto/hivemind_ext.
 
 Faithful quirks, kept on purpose because the worker is developed against this pool:
 - every call but Login needs metadata `authorization: Bearer <JWT>`; without a valid one the call
-  fails INTERNAL "Exception deserializing request!" (the auth interceptor makes the request
-  deserializer raise, so gRPC itself produces exactly the existing pool's answer);
+  fails INTERNAL "Exception deserializing request!" (the existing pool's answer);
 - a `token` request field, when not empty, must hold a valid token too (it names the caller);
 - ExecuteTask and StopTaskExecution answer UNIMPLEMENTED here (the worker's half);
 - RUNNING is recorded after ExecuteTask returned and overwrites a result uploaded meanwhile.
@@ -35,6 +34,8 @@ _nodepool_grpc: Any = nodepool_pb2_grpc
 _ext_grpc: Any = hivemind_ext_pb2_grpc
 
 LOGIN_METHOD = "/nodepool.UserService/Login"
+# What the existing pool answers (with StatusCode.INTERNAL) to a call without a valid token.
+REJECTED_DETAILS = "Exception deserializing request!"
 
 
 class TokenIssuer:
@@ -64,13 +65,28 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     return ""
 
 
-def _reject_request(_raw: bytes) -> Any:
-    # Raising here is what makes gRPC answer INTERNAL "Exception deserializing request!".
-    raise ValueError("request rejected: missing or invalid bearer token")
+def _rejecting(handler: Any) -> Any:
+    """`handler` with its behaviour replaced by the existing pool's answer to a missing token.
+
+    Aborting (rather than making the deserializer raise, which gRPC answers the same way) keeps
+    the server's logs quiet and avoids a gRPC bug: a failed deserialization of a streamed request
+    leaves the call pending in the core, and server.stop() then never completes.
+    """
+
+    def reject(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.INTERNAL, REJECTED_DETAILS)
+
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(reject, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg,misc]
-    """Every method except Login needs a valid bearer token, checked before deserializing."""
+    """Every method except Login needs a valid bearer token, checked before the servicer runs."""
 
     def __init__(self, issuer: TokenIssuer) -> None:
         self._issuer = issuer
@@ -83,8 +99,7 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg,mi
         try:
             self._issuer.username(_bearer(handler_call_details.invocation_metadata))
         except jwt.InvalidToken:
-            return cast("grpc.RpcMethodHandler[Any, Any]",
-                        cast(Any, handler)._replace(request_deserializer=_reject_request))
+            return cast("grpc.RpcMethodHandler[Any, Any]", _rejecting(handler))
         return handler
 
 

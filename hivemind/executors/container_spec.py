@@ -175,10 +175,14 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
     )
 
 
+HOST_CA_MOUNT = "/etc/ssl/certs/hivemind-host-ca.crt"
+
+
 def build_prepare_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *, rootless: bool,
-                       build_dir: str) -> ContainerSpec:
+                       build_dir: str, ca_bundle: str | None = None) -> ContainerSpec:
     """The pip container: network on (rootless: host network, since slirp4netns needs
-    /dev/net/tun which is 0600 here), installs requirements.txt into `build_dir` mounted rw."""
+    /dev/net/tun which is 0600 here), installs requirements.txt into `build_dir` mounted rw.
+    `ca_bundle`: the host's CA file, so pip trusts what the host trusts (TLS-inspecting proxies)."""
     if spec.requirements is None:
         raise ValueError("task has no requirements.txt")
     uid, gid = parse_user(cfg.user)
@@ -189,13 +193,17 @@ def build_prepare_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *, rootl
     base = build_container_spec(spec, cfg, node_id, rootless=rootless)
     labels = dict(base.labels)
     labels[LABEL_ROLE] = "prepare"
-    mounts = (Mount("bind", WORKSPACE, str(spec.workspace), read_only=True),
+    mounts = [Mount("bind", WORKSPACE, str(spec.workspace), read_only=True),
               Mount("tmpfs", TMP, size_bytes=1024 * 1024 * 1024, mode="1777"),
-              Mount("bind", PYCACHE_MOUNT, build_dir))
+              Mount("bind", PYCACHE_MOUNT, build_dir)]
+    env = _common_env({})
+    if ca_bundle:
+        mounts.append(Mount("bind", HOST_CA_MOUNT, ca_bundle, read_only=True))
+        env["PIP_CERT"] = HOST_CA_MOUNT
     return ContainerSpec(
         name=container_name(node_id, spec.task_id, "prepare"),
         image=cfg.image, command=command, user=f"{uid}:{gid}", workdir=TMP,
-        env=_common_env({}), labels=labels, mounts=mounts,
+        env=env, labels=labels, mounts=tuple(mounts),
         network_mode="host" if rootless else "bridge",
         read_only=True, cap_drop=("ALL",), no_new_privileges=True,
         pids_limit=base.pids_limit, memory_bytes=None, memswap_bytes=None,

@@ -111,7 +111,9 @@ class PodmanExecutor:
 
     def __init__(self, cfg: PodmanConfig, node_id: str, state_dir: Path, logger: logging.Logger,
                  prepare_timeout_s: float, *, service: PodmanService | None = None,
-                 clock: Callable[[], float] = time.time, wait_interval: str = "10ms") -> None:
+                 clock: Callable[[], float] = time.time, wait_interval: str = "10ms",
+                 host_ca_bundle: Path | None = Path("/etc/ssl/certs/ca-certificates.crt"),
+                 kmsg: str = "/dev/kmsg") -> None:
         self._cfg = cfg
         self._node = node_id
         self._state_dir = Path(state_dir)
@@ -122,6 +124,8 @@ class PodmanExecutor:
         self._service = service or PodmanService(cfg, logger)
         self._clock = clock
         self._interval = wait_interval
+        self._ca_bundle = host_ca_bundle
+        self._kmsg = kmsg
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._adapter: PodmanAdapter | None = None
@@ -270,8 +274,9 @@ class PodmanExecutor:
     def _run_pip(self, spec: TaskSpec, sink: OutputSink, cancel: threading.Event,
                  build_dir: Path) -> None:
         api = self._api()
+        ca = self._ca_bundle if self._ca_bundle is not None and self._ca_bundle.is_file() else None
         cs = build_prepare_spec(spec, self._cfg, self._node, rootless=self.rootless,
-                                build_dir=str(build_dir))
+                                build_dir=str(build_dir), ca_bundle=str(ca) if ca else None)
         if self._ours(api, cs.name):
             api.remove(cs.name)
         cid = api.create(cs)
@@ -387,7 +392,8 @@ class PodmanExecutor:
         if run.timed_out:
             reason = ExitReason.TIMED_OUT
         elif st.oom_killed or (code == 137 and run.memory_limit > 0 and not run.stop_requested
-                               and (run.peak_memory or 0) >= run.memory_limit * 0.95):
+                               and ((run.peak_memory or 0) >= run.memory_limit * 0.95
+                                    or self._kernel_saw_oom(run.container_id))):
             reason = ExitReason.OUT_OF_MEMORY
         elif run.stop_requested:
             reason = ExitReason.STOPPED
@@ -398,6 +404,29 @@ class PodmanExecutor:
         cpu = run.cpu_ns / 1e9 if run.cpu_ns is not None else None
         return ExitResult(code, reason, run.started_at, finished, run.peak_memory, cpu,
                           message=st.error[:500])
+
+    def _kernel_saw_oom(self, cid: str) -> bool:
+        """Podman with runc on cgroup v1 leaves State.OOMKilled false, and the cgroup (with its
+        counters) is gone by the time wait() returns; the kernel log names the memcg it killed in."""
+        needle = f"oom_memcg=/libpod_parent/libpod-{cid}".encode()
+        try:
+            fd = os.open(self._kmsg, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            while True:
+                try:
+                    record = os.read(fd, 8192)
+                except BlockingIOError:
+                    return False
+                except OSError:        # EPIPE: a record was overwritten while reading; go on
+                    continue
+                if not record:
+                    return False
+                if needle in record:
+                    return True
+        finally:
+            os.close(fd)
 
     def _on_timeout(self, run: _Run) -> None:
         if run.done.is_set():

@@ -7,14 +7,17 @@ version is checked before anything else is called. With backend "auto", any fail
 falls back to psutil with one log line saying why.
 
 Loading the library starts a Go runtime in this process, and a Go runtime does not survive
-fork() without exec(): the child hangs. Use subprocess, or multiprocessing's "spawn" or
-"forkserver" start methods, never "fork", in a process that uses the native backend.
+fork() without exec(): a child that calls into it hangs once Go's GC runs (seen here after some
+thousands of snapshots). A NativeSource therefore refuses to work in a forked child (MetricsError)
+instead of hanging. Use subprocess, or multiprocessing's "spawn" or "forkserver" start methods,
+never "fork", in a process that uses the native backend.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from pathlib import Path
 
 from hivemind.metrics.model import (
@@ -107,6 +110,7 @@ class NativeSource:
 
     def __init__(self, lib: ctypes.CDLL, cgroup_root: str = DEFAULT_CGROUP_ROOT) -> None:
         self._lib = lib
+        self._pid = os.getpid()
         self._handle = lib.hm_open()
         if self._handle <= 0:
             raise MetricsUnavailable("hm_open failed")
@@ -120,6 +124,9 @@ class NativeSource:
     def snapshot(self, disk_path: str = "/", cgroup_path: str | None = None) -> Snapshot:
         if self._handle <= 0:
             raise MetricsError("metrics source is closed")
+        if os.getpid() != self._pid:
+            raise MetricsError("native metrics can't be used in a forked child (the Go runtime "
+                               "hangs there); open a source after exec, or use spawn")
         out = self._out
         out.size = ctypes.sizeof(_CSnapshot)
         cg = cgroup_path.encode() if cgroup_path else None
@@ -147,7 +154,7 @@ class NativeSource:
         return self._err.value.decode("utf-8", "replace") or "native snapshot failed"
 
     def close(self) -> None:
-        if self._handle > 0:
+        if self._handle > 0 and os.getpid() == self._pid:
             self._lib.hm_close(self._handle)
             self._handle = 0
 

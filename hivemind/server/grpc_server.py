@@ -70,8 +70,9 @@ class RunningServer:
             if self._stopped:
                 return
             self._stopped = True
-        self._server.stop(grace).wait()
+        # Our own health connection goes first, so grpc doesn't log its GOAWAY as noise.
         self._health_channel.close()
+        self._server.stop(grace).wait()
         shutil.rmtree(self._health_dir, ignore_errors=True)
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -1,0 +1,13 @@
+# The worker's runtime Python dependencies (pyproject.toml's [project] dependencies).
+ps: with ps; [
+  grpcio
+  protobuf
+  podman
+  psutil
+  sdnotify
+  systemd
+  pyyaml
+  falcon
+  waitress
+  prometheus-client
+]

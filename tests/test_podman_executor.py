@@ -1,0 +1,366 @@
+"""PodmanExecutor against a real Podman service (rootful: cgroup v1 applies limits only there).
+
+One private rootful service per module (its own socket, so no other test's service is touched);
+every test gets a fresh node id, and a fixture checks that no container with that node's labels
+is left behind and that no pip-cache lock remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hivemind.config import PodmanConfig
+from hivemind.errors import TaskNotFound
+from hivemind.executors.base import (
+    Entry,
+    Executor,
+    ExitReason,
+    Limits,
+    OutputLine,
+    PrepareCancelled,
+    TaskSpec,
+)
+from hivemind.executors.podman import PodmanExecutor
+from hivemind.executors.podman_service import PodmanService, ping
+
+IMAGE = "localhost/hivemind-task:latest"
+MiB = 1024 * 1024
+LOG = logging.getLogger("test-podman")
+
+pytestmark = [pytest.mark.podman]
+
+
+def _have_image() -> bool:
+    if shutil.which("podman") is None or os.geteuid() != 0:
+        return False
+    return subprocess.run(["podman", "image", "exists", IMAGE]).returncode == 0
+
+
+if not _have_image():
+    pytest.skip("needs root, podman and the task image (images/build)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanService]:
+    sock = tmp_path_factory.mktemp("podman") / "podman.sock"
+    svc = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock))
+    svc.ensure()
+    assert svc.owned
+    yield svc
+    svc.close()
+    assert not ping(str(sock))
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.lines: list[OutputLine] = []
+        self._cv = threading.Condition()
+
+    def __call__(self, line: OutputLine) -> None:
+        with self._cv:
+            self.lines.append(line)
+            self._cv.notify_all()
+
+    def texts(self, stream: str | None = None) -> list[str]:
+        return [ln.text for ln in self.lines if stream is None or ln.stream == stream]
+
+    def wait_for(self, text: str, timeout: float = 30) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: text in self.texts(), timeout)
+
+
+@pytest.fixture
+def node() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def _our_containers(node: str) -> list[str]:
+    out = subprocess.run(["podman", "ps", "-a", "--filter", f"label=hivemind.node_id={node}",
+                          "--format", "{{.Names}}"], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.fixture
+def ex(service: PodmanService, node: str, tmp_path: Path) -> Iterator[PodmanExecutor]:
+    executor = PodmanExecutor(PodmanConfig(mode="rootful", pids_limit=64), node,
+                              tmp_path / "state", LOG, prepare_timeout_s=120, service=service)
+    yield executor
+    for task_id in executor.orphans():
+        executor.stop(task_id, grace=0)
+        executor.cleanup(task_id)
+    executor.close()
+    left = _our_containers(node)
+    for name in left:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+    assert left == [], f"containers left behind: {left}"
+    locks = list((tmp_path / "state").glob("podman-pycache/.*.lock"))
+    assert locks == [], f"locks left behind: {locks}"
+
+
+def _task(tmp_path: Path, code: str, task_id: str = "t1", **limits: object) -> TaskSpec:
+    ws = tmp_path / f"ws-{task_id}"
+    ws.mkdir()
+    (ws / "main.py").write_text(code)
+    lim = {"cpus": 1.0, "memory_bytes": 128 * MiB, **limits}
+    return TaskSpec(task_id, ws, Entry(("python3", "main.py")), Limits(**lim))  # type: ignore[arg-type]
+
+
+def test_implements_the_executor_protocol(ex: PodmanExecutor) -> None:
+    assert isinstance(ex, Executor)
+
+
+def test_probe_rootful_reports_applied_limits(ex: PodmanExecutor) -> None:
+    st = ex.probe()
+    assert st.usable, st.reason
+    assert st.enforcement is not None
+    assert (st.enforcement.memory, st.enforcement.cpu, st.enforcement.pids) == (True, True, True)
+    assert st.enforcement.network_isolated and st.enforcement.readonly_root
+    assert ex.orphans() == []          # the probe container is gone
+
+
+def test_output_arrives_while_task_runs(ex: PodmanExecutor, tmp_path: Path) -> None:
+    spec = _task(tmp_path, "import os, sys, time\n"
+                 "print('first', flush=True)\nprint('to-stderr', file=sys.stderr, flush=True)\n"
+                 "while not os.path.exists('go'): time.sleep(0.02)\nprint('second')\n")
+    sink = Sink()
+    handle = ex.start(spec, sink)
+    assert handle.executor == "podman" and handle.task_id == "t1"
+    assert sink.wait_for("first")
+    assert ex.wait("t1", timeout=0) is None          # still running: the line came live
+    (spec.workspace / "go").touch()
+    res = ex.wait("t1", timeout=60)
+    assert res is not None and res.reason == ExitReason.EXITED and res.exit_code == 0
+    assert sink.texts("stdout") == ["first", "second"]
+    assert sink.texts("stderr") == ["to-stderr"]
+    ex.cleanup("t1")
+    ex.cleanup("t1")                                  # idempotent
+
+
+def test_exit_codes_and_failed_start(ex: PodmanExecutor, tmp_path: Path) -> None:
+    ex.start(_task(tmp_path, "raise SystemExit(3)"), Sink())
+    res = ex.wait("t1", 60)
+    assert res is not None and (res.reason, res.exit_code) == (ExitReason.EXITED, 3)
+    bad = _task(tmp_path, "", task_id="t2")
+    bad = TaskSpec(bad.task_id, bad.workspace, Entry(("/no/such/binary",)), bad.limits)
+    ex.start(bad, Sink())
+    res = ex.wait("t2", 60)
+    assert res is not None and res.reason == ExitReason.FAILED_TO_START, res
+
+
+def test_memory_limit_ends_out_of_memory(ex: PodmanExecutor, tmp_path: Path) -> None:
+    spec = _task(tmp_path, "b = []\nwhile True: b.append(bytearray(8 * 1024 * 1024))\n",
+                 memory_bytes=64 * MiB)
+    ex.start(spec, Sink())
+    res = ex.wait("t1", 60)
+    assert res is not None and res.reason == ExitReason.OUT_OF_MEMORY, res
+
+
+def test_fork_bomb_is_contained_by_pids_limit(ex: PodmanExecutor, tmp_path: Path) -> None:
+    spec = _task(tmp_path, "import os, time\nn = 0\ntry:\n    while True:\n"
+                 "        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n"
+                 "        n += 1\nexcept OSError as e:\n    print('blocked', n, e.errno, flush=True)\n",
+                 pids=32)
+    sink = Sink()
+    ex.start(spec, sink)
+    res = ex.wait("t1", 60)
+    assert res is not None and res.exit_code == 0, (res, sink.texts())
+    blocked = [t for t in sink.texts() if t.startswith("blocked")]
+    assert blocked, sink.texts()
+    assert int(blocked[0].split()[1]) < 32
+
+
+def test_no_network(ex: PodmanExecutor, tmp_path: Path) -> None:
+    spec = _task(tmp_path, "import socket\ntry:\n"
+                 "    socket.create_connection(('1.1.1.1', 53), timeout=3)\n    print('connected')\n"
+                 "except OSError as e:\n    print('refused', e.errno)\n"
+                 "print(sorted(n for _, n in socket.if_nameindex()))\n")
+    sink = Sink()
+    ex.start(spec, sink)
+    res = ex.wait("t1", 60)
+    assert res is not None and res.exit_code == 0
+    assert sink.texts()[0].startswith("refused")
+    assert sink.texts()[1] == "['lo']"
+
+
+def test_writes_only_to_workspace_and_tmp(ex: PodmanExecutor, tmp_path: Path) -> None:
+    spec = _task(tmp_path, "for p in ['/workspace/out.txt', '/tmp/x', '/etc/x', '/usr/x', '/x',"
+                 " '/home/task/x']:\n    try:\n        open(p, 'w').write('1')\n"
+                 "        print(p, 'ok')\n    except OSError as e:\n        print(p, 'denied')\n")
+    sink = Sink()
+    ex.start(spec, sink)
+    res = ex.wait("t1", 60)
+    assert res is not None and res.exit_code == 0
+    assert sink.texts() == ["/workspace/out.txt ok", "/tmp/x ok", "/etc/x denied",
+                            "/usr/x denied", "/x denied", "/home/task/x denied"]
+    assert (spec.workspace / "out.txt").read_text() == "1"
+
+
+def test_stop_mid_task(ex: PodmanExecutor, tmp_path: Path) -> None:
+    sink = Sink()
+    ex.start(_task(tmp_path, "import time\nprint('up', flush=True)\ntime.sleep(300)\n"), sink)
+    assert sink.wait_for("up")
+    ex.stop("t1", grace=1)
+    res = ex.wait("t1", 0)                     # stop returns only once the task is dead
+    assert res is not None and res.reason == ExitReason.STOPPED
+    ex.stop("t1", grace=1)                     # idempotent
+
+
+def test_timeout_is_enforced(ex: PodmanExecutor, tmp_path: Path) -> None:
+    ex.start(_task(tmp_path, "import time\ntime.sleep(300)\n", timeout_s=1.0), Sink())
+    res = ex.wait("t1", 60)
+    assert res is not None and res.reason == ExitReason.TIMED_OUT
+
+
+def test_recover_after_recreating_the_executor(ex: PodmanExecutor, service: PodmanService,
+                                               node: str, tmp_path: Path) -> None:
+    spec = _task(tmp_path, "import os, time\nprint('one', flush=True)\n"
+                 "while not os.path.exists('go'): time.sleep(0.02)\nprint('two')\n"
+                 "raise SystemExit(5)\n")
+    sink = Sink()
+    handle = ex.start(spec, sink)
+    assert sink.wait_for("one")
+    done = _task(tmp_path, "print('done')", task_id="t2")
+    handle2 = ex.start(done, Sink())
+    ex.wait("t2", 60)
+    # A new daemon: a new executor on the same node id recovers from the persisted handles.
+    ex2 = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 60,
+                         service=service)
+    assert set(ex2.orphans()) == {"t1", "t2"}
+    sink2 = Sink()
+    ex2.recover(handle, sink2)
+    (spec.workspace / "go").touch()
+    res = ex2.wait("t1", 60)
+    assert res is not None and (res.reason, res.exit_code) == (ExitReason.EXITED, 5)
+    assert "two" in sink2.texts()
+    ex2.recover(handle2, Sink())               # exited meanwhile: state collected
+    res2 = ex2.wait("t2", 5)
+    assert res2 is not None and res2.exit_code == 0
+    ex2.cleanup("t1")
+    ex2.cleanup("t2")
+    with pytest.raises(TaskNotFound):
+        ex2.recover(handle, Sink())            # gone
+    ex2.close()
+
+
+def test_orphans_never_include_unlabelled_containers(ex: PodmanExecutor, node: str) -> None:
+    name = f"hivemind-{node}-foreign"
+    subprocess.run(["podman", "create", "--name", name, IMAGE, "true"], check=True,
+                   capture_output=True)
+    try:
+        assert ex.orphans() == []
+        ex.cleanup("foreign")                  # same name pattern, but not ours: left alone
+        assert subprocess.run(["podman", "container", "exists", name]).returncode == 0
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+
+
+def _requirements_task(tmp_path: Path, text: str, task_id: str) -> TaskSpec:
+    spec = _task(tmp_path, "import six\nprint('six', six.__version__)\n", task_id=task_id)
+    (spec.workspace / "requirements.txt").write_text(text)
+    return TaskSpec(spec.task_id, spec.workspace, spec.entry, spec.limits,
+                    requirements=spec.workspace / "requirements.txt")
+
+
+@pytest.mark.slow
+def test_requirements_installed_once_then_cached(ex: PodmanExecutor, tmp_path: Path) -> None:
+    spec = _requirements_task(tmp_path, "six==1.16.0\n", "t1")
+    prep = Sink()
+    ex.prepare(spec, prep, threading.Event())
+    assert any("six" in t for t in prep.texts("prepare")), prep.texts()
+    sink = Sink()
+    ex.start(spec, sink)
+    res = ex.wait("t1", 60)
+    assert res is not None and res.exit_code == 0, sink.texts()
+    assert sink.texts() == ["six 1.16.0"]
+    again = _requirements_task(tmp_path, "six==1.16.0\n", "t2")
+    prep2 = Sink()
+    ex.prepare(again, prep2, threading.Event())
+    assert prep2.texts() == ["requirements already installed (cached)"]
+
+
+def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, node: str,
+                                                          tmp_path: Path) -> None:
+    # An index on the host that accepts connections and never answers: pip hangs in it.
+    srv = socket.create_server(("0.0.0.0", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(srv.accept()[0])
+
+    threading.Thread(target=hold, daemon=True).start()
+    port = srv.getsockname()[1]
+    spec = _requirements_task(
+        tmp_path, f"--index-url http://host.containers.internal:{port}/simple\nsix\n", "t1")
+    cancel = threading.Event()
+    prep = Sink()
+    try:
+        threading.Timer(0.2, lambda: (_wait_until(lambda: bool(held), 30), cancel.set())).start()
+        with pytest.raises(PrepareCancelled):
+            ex.prepare(spec, prep, cancel)
+        assert held, "pip never connected to the index"
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        srv.close()
+    assert _our_containers(node) == []
+    assert not list((tmp_path / "state" / "podman-pycache").glob(".*tmp*"))
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    ev = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return True
+        ev.wait(0.05)
+    return cond()
+
+
+def _hivemind_user() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam("hivemind")
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(_hivemind_user() is None, reason="scripts/setup-podman has not created the hivemind user")
+def test_rootless_as_hivemind_user_reports_unenforced_limits(tmp_path: Path, node: str) -> None:
+    state = tmp_path / "rootless-state"
+    # The rootless service runs as `hivemind`: it must be able to reach the workspace.
+    os.chmod(tmp_path, 0o755)
+    ex = PodmanExecutor(PodmanConfig(mode="rootless"), node, state, LOG, 60)
+    try:
+        st = ex.probe()
+        assert st.usable, st.reason
+        assert st.enforcement is not None
+        assert (st.enforcement.memory, st.enforcement.cpu, st.enforcement.pids) == (False, False, False)
+        assert any("memory limit not applied" in n for n in st.enforcement.notes)
+        spec = _task(tmp_path, "open('/workspace/out.txt', 'w').write('r')\nprint('ok')\n")
+        sink = Sink()
+        ex.start(spec, sink)
+        res = ex.wait("t1", 60)
+        assert res is not None and res.exit_code == 0, sink.texts()
+        assert (spec.workspace / "out.txt").read_text() == "r"
+        ex.cleanup("t1")
+        assert ex.orphans() == []
+        sock = ex._service.socket_path()
+    finally:
+        ex.close()
+    if ex._service.owned is False:
+        assert not ping(sock)                  # the service it started is gone
