@@ -1,7 +1,9 @@
 """Task output: each line goes to the task's log file (for the result archive), to a bounded
 in-memory tail (for the status API), and into a batch that is streamed to the pool about once a
-second. A slow or absent pool never blocks a task: batches are bounded and the oldest text is
-dropped from the stream (never from the log file, which the result carries whole)."""
+second. A task's first output line is streamed at once instead (dispatch latency is measured to
+it); batching starts after it. A slow or absent pool never blocks a task: batches are bounded and
+the oldest text is dropped from the stream (never from the log file, which the result carries
+whole)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class TaskOutput:
         self._pending_bytes = 0
         self._dropped = 0
         self._on_line = on_line
+        # Set by the streamer: asks it to flush now (the task's first line must not wait a batch).
+        self.on_urgent: Callable[[TaskOutput], None] | None = None
         self.first_line_at: float | None = None
         self.lines = 0
 
@@ -39,9 +43,11 @@ class TaskOutput:
         text = line.text
         stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
         record = f"[{stamp}] {text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {text}"
+        urgent = False
         with self._lock:
             if self.first_line_at is None and line.stream != "prepare":
                 self.first_line_at = line.ts
+                urgent = True
             self.lines += 1
             if self._fh is not None:
                 self._fh.write(record + "\n")
@@ -53,6 +59,8 @@ class TaskOutput:
                 dropped = self._pending.pop(0)
                 self._pending_bytes -= len(dropped)
                 self._dropped += 1
+        if urgent and self.on_urgent is not None:
+            self.on_urgent(self)
         if self._on_line is not None:
             self._on_line(self.task_id, line)
 
@@ -97,7 +105,8 @@ class TaskOutput:
 
 
 class OutputStreamer:
-    """One thread that flushes every task's pending output to the pool at a fixed interval."""
+    """One thread that flushes every task's pending output to the pool at a fixed interval, and a
+    task's output at once when it asks (its first line)."""
 
     def __init__(self, send: Callable[[str, str], None], interval_s: float, batch_max_bytes: int,
                  logger: logging.Logger) -> None:
@@ -108,6 +117,8 @@ class OutputStreamer:
         self._outputs: dict[str, TaskOutput] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._urgent: list[TaskOutput] = []
         self._thread = threading.Thread(target=self._loop, name="output-streamer", daemon=True)
         self.failures = 0
 
@@ -117,6 +128,13 @@ class OutputStreamer:
     def add(self, out: TaskOutput) -> None:
         with self._lock:
             self._outputs[out.task_id] = out
+        out.on_urgent = self._flush_soon
+
+    def _flush_soon(self, out: TaskOutput) -> None:
+        # Called from an executor's reader thread: hand over to the streamer thread, never send here.
+        with self._lock:
+            self._urgent.append(out)
+        self._wake.set()
 
     def finish(self, task_id: str, timeout: float = 5.0) -> None:
         """Flush what's left of a task's output, then stop following it."""
@@ -150,10 +168,23 @@ class OutputStreamer:
             return False
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.flush_all()
+        next_round = time.monotonic() + self._interval
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, next_round - time.monotonic()))
+            # Cleared before the swap below: a request made after the swap sets it again.
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                urgent, self._urgent = self._urgent, []
+            for out in urgent:
+                self._flush_one(out)
+            if time.monotonic() >= next_round:
+                self.flush_all()
+                next_round = time.monotonic() + self._interval
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)

@@ -1,6 +1,10 @@
 """Delivers result archives to the pool. A result is on disk (and recorded as pending in the store)
 before this sees it, and its file is deleted only after the pool accepted it, so a crash or an
-absent pool loses nothing: pending results are retried with backoff, also after a restart."""
+absent pool loses nothing: pending results are retried with backoff, also after a restart.
+
+Two kinds of failure are told apart: a pool that can't be reached (retried for as long as it
+takes) and a pool that answers and refuses this result (success=false, e.g. a task it doesn't
+know): after `max_refusals` refusals the result is given up, so it doesn't sit on disk forever."""
 
 from __future__ import annotations
 
@@ -25,10 +29,14 @@ class PendingResult:
 class ResultUploader:
     def __init__(self, upload: Callable[[str, Path], None], on_delivered: Callable[[str], None],
                  logger: logging.Logger, *, on_failure: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 on_given_up: Callable[[str, str], None] = lambda task_id, why: None,
+                 max_refusals: int = 5, clock: Callable[[], float] = time.time) -> None:
         self._upload = upload
         self._on_delivered = on_delivered
         self._on_failure = on_failure
+        self._on_given_up = on_given_up
+        self._max_refusals = max_refusals
+        self._refusals: dict[str, int] = {}
         self._log = logger
         self._clock = clock
         self._queue: dict[str, PendingResult] = {}
@@ -75,7 +83,26 @@ class ResultUploader:
                 continue
             try:
                 self._upload(item.task_id, item.path)
-            except (PoolCallFailed, PoolRefused, OSError) as exc:
+            except PoolRefused as exc:
+                self.failures += 1
+                self._on_failure()
+                n = self._refusals.get(item.task_id, 0) + 1
+                self._refusals[item.task_id] = n
+                if n >= self._max_refusals:
+                    with self._lock:
+                        self._queue.pop(item.task_id, None)
+                    self._refusals.pop(item.task_id, None)
+                    self._log.error("the pool refused the result of %s %d times (%s); giving it up",
+                                    item.task_id, n, exc,
+                                    extra={"task_id": item.task_id, "event": "result.given_up"})
+                    self._on_given_up(item.task_id, str(exc))
+                    continue
+                delay = backoff.next_delay()
+                self._log.warning("the pool refused the result of %s (%s); retrying in %.1f s",
+                                  item.task_id, exc, delay,
+                                  extra={"task_id": item.task_id, "event": "result.refused"})
+                return delay
+            except (PoolCallFailed, OSError) as exc:
                 self.failures += 1
                 self._on_failure()
                 delay = backoff.next_delay()
@@ -85,6 +112,7 @@ class ResultUploader:
             backoff.reset()
             with self._lock:
                 self._queue.pop(item.task_id, None)
+            self._refusals.pop(item.task_id, None)
             self._log.info("result of %s delivered", item.task_id,
                            extra={"task_id": item.task_id, "event": "result.delivered"})
             self._on_delivered(item.task_id)

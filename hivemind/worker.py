@@ -79,7 +79,8 @@ class Worker:
                                        cfg.pool.output_flush_interval_s,
                                        cfg.pool.output_batch_max_kb * 1024, logger)
         self.uploader = ResultUploader(upload_result or _no_pool, self._result_delivered, logger,
-                                       on_failure=lambda: on_event("upload_failed", {}), clock=clock)
+                                       on_failure=lambda: on_event("upload_failed", {}),
+                                       on_given_up=self._result_given_up, clock=clock)
         follow(lifecycle, store)  # every transition is persisted before anything else sees it
         lifecycle.subscribe(self._transition_event)
 
@@ -225,6 +226,13 @@ class Worker:
             final = {Outcome.SUCCEEDED: TaskState.DONE, Outcome.STOPPED: TaskState.STOPPED}.get(
                 rec.outcome or Outcome.FAILED, TaskState.FAILED)
             self.lifecycle.advance(task_id, final)
+        self.store.result_acknowledged(task_id)
+        shutil.rmtree(self._dirs.task_dir(task_id), ignore_errors=True)
+
+    def _result_given_up(self, task_id: str, why: str) -> None:
+        rec = self.lifecycle.get(task_id)
+        if rec is not None and rec.state is TaskState.UPLOADING:
+            self.lifecycle.advance(task_id, TaskState.FAILED, message=f"result refused by the pool: {why}"[:500])
         self.store.result_acknowledged(task_id)
         shutil.rmtree(self._dirs.task_dir(task_id), ignore_errors=True)
 

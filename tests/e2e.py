@@ -175,8 +175,13 @@ def stop_via_pool(pool: DevPool, task_id: str) -> Any:
 
 
 def result_of(pool: DevPool, task_id: str, timeout: float = 120) -> zipfile.ZipFile:
-    t = wait_for(lambda: (x := pool.task(task_id)) is not None and x.status in ("COMPLETED", "FAILED") and x,
-                 timeout, f"task {task_id} to complete")
-    assert t.status == "COMPLETED", f"{t.status}: {t.message}"
+    """The result the worker delivered. Waits for COMPLETED: a pool that was away marks a silent
+    node's tasks FAILED first, and a result uploaded later still completes them."""
+    try:
+        t = wait_for(lambda: (x := pool.task(task_id)) is not None and x.status == "COMPLETED" and x,
+                     timeout, f"task {task_id} to complete")
+    except AssertionError:
+        t = pool.task(task_id)
+        raise AssertionError(f"task {task_id}: {t.status if t else 'unknown'}: {t.message if t else ''}") from None
     assert t.result_path is not None
     return zipfile.ZipFile(io.BytesIO(t.result_path.read_bytes()))

@@ -58,8 +58,9 @@ def test_mounts_workspace_rw_and_tmpfs_sized(tmp_path: Path) -> None:
     by_target = {m["target"]: m for m in kw["mounts"]}
     assert by_target["/workspace"] == {"type": "bind", "target": "/workspace",
                                        "source": str(tmp_path), "read_only": False}
-    assert by_target["/tmp"]["type"] == "tmpfs"
-    assert by_target["/tmp"]["size"] == str(64 * MiB)   # the smaller of Limits and config
+    tmp = by_target["/tmp"]  # noqa: S108 - the container's tmpfs
+    assert tmp["type"] == "tmpfs"
+    assert tmp["size"] == str(64 * MiB)   # the smaller of Limits and config
 
 
 def test_pydeps_mounted_read_only_on_pythonpath(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_gpus_only_as_cdi_devices_when_asked(tmp_path: Path) -> None:
 def test_rootless_keeps_workspace_owner_as_task_user(tmp_path: Path) -> None:
     cs = build_container_spec(_spec(tmp_path), PodmanConfig(user="1234:99"), "n", rootless=True)
     assert cs.userns_mode == "keep-id:uid=1234,gid=99"
-    assert cs.create_kwargs()["userns_mode"] == "keep-id:uid=1234,gid=99"
+    assert cs.create_kwargs()["userns_mode"] == {"nsmode": "keep-id", "value": "uid=1234,gid=99"}
 
 
 def test_pids_limit_is_the_smaller_one(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -202,7 +203,7 @@ def test_writes_only_to_workspace_and_tmp(ex: PodmanExecutor, tmp_path: Path) ->
     ex.start(spec, sink)
     res = ex.wait("t1", 60)
     assert res is not None and res.exit_code == 0
-    assert sink.texts() == ["/workspace/out.txt ok", "/tmp/x ok", "/etc/x denied",
+    assert sink.texts() == ["/workspace/out.txt ok", "/tmp/x ok", "/etc/x denied",  # noqa: S108
                             "/usr/x denied", "/x denied", "/home/task/x denied"]
     assert (spec.workspace / "out.txt").read_text() == "1"
 
@@ -306,7 +307,8 @@ def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, no
     threading.Thread(target=hold, daemon=True).start()
     port = srv.getsockname()[1]
     spec = _requirements_task(
-        tmp_path, f"--index-url http://host.containers.internal:{port}/simple\nsix\n", "t1")
+        tmp_path, f"--index-url http://host.containers.internal:{port}/simple\n"
+        "--trusted-host host.containers.internal\nsix\n", "t1")
     cancel = threading.Event()
     prep = Sink()
     try:
@@ -340,18 +342,19 @@ def _hivemind_user() -> pwd.struct_passwd | None:
 
 
 @pytest.mark.skipif(_hivemind_user() is None, reason="scripts/setup-podman has not created the hivemind user")
-def test_rootless_as_hivemind_user_reports_unenforced_limits(tmp_path: Path, node: str) -> None:
-    state = tmp_path / "rootless-state"
-    # The rootless service runs as `hivemind`: it must be able to reach the workspace.
-    os.chmod(tmp_path, 0o755)
-    ex = PodmanExecutor(PodmanConfig(mode="rootless"), node, state, LOG, 60)
+def test_rootless_as_hivemind_user_reports_unenforced_limits(node: str) -> None:
+    # The rootless service runs as `hivemind`: workspace and state must be reachable by it,
+    # which pytest's 0700 tmp dir is not.
+    base = Path(tempfile.mkdtemp(prefix="hivemind-rootless-test-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    ex = PodmanExecutor(PodmanConfig(mode="rootless"), node, base / "state", LOG, 60)
     try:
         st = ex.probe()
         assert st.usable, st.reason
         assert st.enforcement is not None
         assert (st.enforcement.memory, st.enforcement.cpu, st.enforcement.pids) == (False, False, False)
         assert any("memory limit not applied" in n for n in st.enforcement.notes)
-        spec = _task(tmp_path, "open('/workspace/out.txt', 'w').write('r')\nprint('ok')\n")
+        spec = _task(base, "open('/workspace/out.txt', 'w').write('r')\nprint('ok')\n")
         sink = Sink()
         ex.start(spec, sink)
         res = ex.wait("t1", 60)
@@ -362,5 +365,5 @@ def test_rootless_as_hivemind_user_reports_unenforced_limits(tmp_path: Path, nod
         sock = ex._service.socket_path()
     finally:
         ex.close()
-    if ex._service.owned is False:
-        assert not ping(sock)                  # the service it started is gone
+        shutil.rmtree(base, ignore_errors=True)
+    assert not ping(sock)                      # the service it started is gone

@@ -121,7 +121,10 @@ class ContainerSpec:
         if self.devices:
             kw["devices"] = list(self.devices)
         if self.userns_mode:
-            kw["userns_mode"] = self.userns_mode
+            # The API wants the options apart ({"nsmode": "keep-id", "value": "uid=..."});
+            # podman-py passes a plain string through whole, which the service rejects.
+            mode, _, value = self.userns_mode.partition(":")
+            kw["userns_mode"] = {"nsmode": mode, "value": value} if value else {"nsmode": mode}
         kw.update(self.extra)
         return kw
 

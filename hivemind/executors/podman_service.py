@@ -168,9 +168,10 @@ class PodmanService:
     def _make_runtime_dir(user: ServiceUser) -> None:
         # What logind would do for a login session; a system service user has none.
         rd = Path(user.runtime_dir)
-        if not rd.exists():
-            rd.mkdir(mode=0o700, parents=True)
-            os.chown(rd, user.uid, user.gid)
+        for d in (rd, rd / "podman"):
+            if not d.exists():
+                d.mkdir(mode=0o700, parents=True)
+                os.chown(d, user.uid, user.gid)
 
     def close(self) -> None:
         """Stop the service if this object started it."""

@@ -1,0 +1,311 @@
+"""End-to-end benchmarks of the worker daemon against a real development pool over real gRPC, each
+next to the baseline a user would otherwise run, measured in the same run.
+
+Every function returns a `Measurement` (samples for the worker and for the baseline); `report.py`
+turns a list of them into the table, JSON and plot. Times are monotonic seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from harness import Setup, task_zip, wait_for
+
+IMAGE = "localhost/hivemind-task:latest"
+PRINT_TASK = {"main.py": "print(1, flush=True)\n"}
+MIB = 1024 * 1024
+# The worker runs rootful Podman here because the bare `podman run` baseline runs as root too.
+PODMAN = {"kind": "podman", "podman": {"mode": "rootful", "image": IMAGE}}
+VENV = {"kind": "venv"}
+
+
+@dataclass
+class Measurement:
+    name: str
+    unit: str
+    worker: list[float]
+    baseline: list[float]
+    baseline_name: str
+    target: str
+    # "ratio" (worker / baseline <= limit), "ratio_min" (worker / baseline >= limit),
+    # "delta" (worker - baseline <= limit), "abs" (worker <= limit)
+    kind: str
+    limit: float
+    notes: list[str] = field(default_factory=list)
+
+    def median(self, which: str) -> float:
+        values = self.worker if which == "worker" else self.baseline
+        return statistics.median(values) if values else float("nan")
+
+    def figure(self) -> float:
+        w, b = self.median("worker"), self.median("baseline")
+        if self.kind in ("ratio", "ratio_min"):
+            return w / b if b else float("nan")
+        if self.kind == "delta":
+            return w - b
+        return w
+
+    def met(self) -> bool:
+        f = self.figure()
+        return f >= self.limit if self.kind == "ratio_min" else f <= self.limit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "unit": self.unit, "worker": self.worker, "baseline": self.baseline,
+                "baseline_name": self.baseline_name, "target": self.target, "kind": self.kind,
+                "limit": self.limit, "figure": self.figure(), "met": self.met(), "notes": self.notes,
+                "worker_median": self.median("worker"), "baseline_median": self.median("baseline")}
+
+
+def podman_usable() -> str:
+    """'' when rootful Podman and the task image are there, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (the baseline and the worker run rootful Podman)"
+    try:
+        if subprocess.run(["podman", "image", "exists", IMAGE], capture_output=True, timeout=60).returncode:
+            return f"image {IMAGE} is missing: run images/build"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"podman is unusable: {exc}"
+    return ""
+
+
+# -- baselines -----------------------------------------------------------------------------------
+def first_line_s(argv: list[str], cwd: Path | None = None) -> float:
+    """Seconds from spawning argv to reading its first stdout line."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=cwd)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    t1 = time.monotonic()
+    p.stdout.read()
+    p.stdout.close()
+    if p.wait() != 0 or not line:
+        raise RuntimeError(f"{argv} failed")
+    return t1 - t0
+
+
+def bare_podman_argv() -> list[str]:
+    return ["podman", "run", "--rm", "--network", "none", IMAGE, "python3", "-c", "print(1)"]
+
+
+# -- dispatch latency ----------------------------------------------------------------------------
+def _latency_run(setup: Setup, task_id: str, data: bytes, timeout: float = 60) -> float:
+    """From the ExecuteTask call to the first output at the pool; then waits for the result, so
+    runs never overlap."""
+    pool = setup.pool
+    task = pool.add_task(task_id, data)
+    t0 = time.monotonic()
+    ok, msg = pool.execute(task, data)
+    if not ok:
+        raise RuntimeError(f"worker declined {task_id}: {msg}")
+    t1 = wait_for(lambda: pool.first_output.get(task_id), timeout, f"first output of {task_id}")
+    wait_for(lambda: pool.status(task_id) in ("COMPLETED", "FAILED"), timeout, f"{task_id} to finish", 0.02)
+    if pool.status(task_id) != "COMPLETED":
+        raise RuntimeError(f"{task_id} failed: {pool.pool.task(task_id)}")
+    return float(t1 - t0)
+
+
+def dispatch_latency(executor: str, runs: int, log: Callable[[str], None]) -> Measurement:
+    data = task_zip(PRINT_TASK)
+    scratch = Path(tempfile.mkdtemp(prefix="hm-bench-bare-"))
+    (scratch / "main.py").write_text(PRINT_TASK["main.py"])
+    if executor == "podman":
+        bare_argv, bare_cwd, cfg = bare_podman_argv(), None, PODMAN
+        baseline_name = "bare `podman run --rm --network none` (rootful)"
+    else:
+        bare_argv, bare_cwd, cfg = [sys.executable, "main.py"], scratch, VENV
+        baseline_name = "bare subprocess (python main.py)"
+    worker: list[float] = []
+    bare: list[float] = []
+    try:
+        with Setup(cfg) as setup:
+            # Warm-up: the venv cache, podman's image and storage, the page cache.
+            _latency_run(setup, f"warm-{executor}", data, timeout=300)
+            first_line_s(bare_argv, bare_cwd)
+            for i in range(runs):  # interleaved, so drift on the machine hits both alike
+                bare.append(first_line_s(bare_argv, bare_cwd))
+                worker.append(_latency_run(setup, f"lat-{executor}-{i}", data))
+            log(f"dispatch latency {executor}: worker {statistics.median(worker) * 1000:.0f} ms, "
+                f"bare {statistics.median(bare) * 1000:.0f} ms")
+    finally:
+        subprocess.run(["rm", "-rf", str(scratch)])
+    if executor == "podman":
+        return Measurement("dispatch latency, Podman", "ms", [x * 1000 for x in worker], [x * 1000 for x in bare],
+                           baseline_name, "<= 1.25x bare podman", "ratio", 1.25)
+    return Measurement("dispatch latency, cached venv", "ms", [x * 1000 for x in worker], [x * 1000 for x in bare],
+                       baseline_name, "<= +40 ms over bare subprocess", "delta", 40.0)
+
+
+# -- throughput ----------------------------------------------------------------------------------
+def xargs_podman_s(n: int, slots: int) -> float:
+    argv = ["xargs", "-P", str(slots), "-I{}", *bare_podman_argv()]
+    t0 = time.monotonic()
+    subprocess.run(argv, input="".join(f"{i}\n" for i in range(n)).encode(), stdout=subprocess.DEVNULL, check=True)
+    return time.monotonic() - t0
+
+
+def worker_batch_s(setup: Setup, n: int, prefix: str) -> float:
+    """Submits n tasks at once, feeding ExecuteTask as fast as the worker accepts (a declined call,
+    the worker being full, is retried after 10 ms, like a pool round on a fast interval); returns
+    seconds from the first call to the last result stored by the pool."""
+    data = task_zip(PRINT_TASK)
+    pool = setup.pool
+    tasks = [pool.add_task(f"{prefix}-{i}", data) for i in range(n)]
+    t0 = time.monotonic()
+    for task in tasks:
+        while True:
+            ok, _ = pool.execute(task, data, fresh_channel=False)
+            if ok:
+                break
+            time.sleep(0.01)
+    ids = [t.task_id for t in tasks]
+    wait_for(lambda: all(pool.status(t) in ("COMPLETED", "FAILED") for t in ids), 600, "the batch", 0.05)
+    elapsed = time.monotonic() - t0
+    failed = [t for t in ids if pool.status(t) != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} tasks failed, e.g. {pool.pool.task(failed[0])}")
+    return elapsed
+
+
+def throughput(n: int, repeats: int, log: Callable[[str], None]) -> Measurement:
+    slots = os.cpu_count() or 2
+    worker: list[float] = []
+    bare: list[float] = []
+    with Setup(PODMAN, extra={"executor": {"slots": slots}}) as setup:
+        worker_batch_s(setup, slots, "warm")
+        for r in range(repeats):
+            bare.append(n / xargs_podman_s(n, slots))
+            worker.append(n / worker_batch_s(setup, n, f"tp{r}"))
+            log(f"throughput round {r}: worker {worker[-1]:.2f}/s, xargs {bare[-1]:.2f}/s")
+    return Measurement(f"throughput, {n} tasks, {slots} slots", "tasks/s", worker, bare,
+                       f"xargs -P {slots} podman run", ">= 0.8x xargs", "ratio_min", 0.8,
+                       ["ExecuteTask driven directly (retry 10 ms after a decline), not the pool's 10 s rounds"])
+
+
+# -- idle footprint ------------------------------------------------------------------------------
+def idle_footprint(seconds: float, log: Callable[[str], None]) -> list[Measurement]:
+    """RSS and CPU of the registered, idle daemon (default heartbeat, status API on), against a bare
+    Python process that imports grpc and sleeps, sampled over the same window."""
+    from harness import free_port
+
+    bare = subprocess.Popen([sys.executable, "-c", "import grpc, time; time.sleep(100000)"])
+    try:
+        with Setup(PODMAN, extra={"status": {"enabled": True, "port": free_port()}}) as setup:
+            proc = psutil.Process(setup.worker.pid)
+            bproc = psutil.Process(bare.pid)
+            time.sleep(min(5.0, seconds / 4))  # past registration and the first heartbeats
+            c0, b0 = proc.cpu_times(), bproc.cpu_times()
+            t0 = time.monotonic()
+            rss: list[float] = []
+            brss: list[float] = []
+            while time.monotonic() - t0 < seconds:
+                rss.append(proc.memory_info().rss / MIB)
+                brss.append(bproc.memory_info().rss / MIB)
+                time.sleep(1.0)
+            wall = time.monotonic() - t0
+            c1, b1 = proc.cpu_times(), bproc.cpu_times()
+            children = sum(c.memory_info().rss for c in proc.children(recursive=True)) / MIB
+            threads = proc.num_threads()
+    finally:
+        bare.kill()
+        bare.wait()
+    cpu = 100.0 * ((c1.user + c1.system) - (c0.user + c0.system)) / wall
+    bcpu = 100.0 * ((b1.user + b1.system) - (b0.user + b0.system)) / wall
+    log(f"idle: rss {statistics.median(rss):.1f} MiB, cpu {cpu:.3f} % over {wall:.0f} s")
+    note = f"window {wall:.0f} s, heartbeat 5 s, status API on, {threads} threads; children RSS {children:.1f} MiB"
+    return [Measurement("idle RSS", "MiB", rss, brss, "python -c 'import grpc; sleep'", "<= 60 MiB", "abs", 60.0,
+                        [note]),
+            Measurement("idle CPU", "% of a core", [cpu], [bcpu], "python -c 'import grpc; sleep'", "<= 0.5 %",
+                        "abs", 0.5, [note])]
+
+
+# -- large results -------------------------------------------------------------------------------
+def big_task(files: int, file_mib: int) -> dict[str, str]:
+    return {"main.py": (
+        "import os\n"
+        f"for i in range({files}):\n"
+        "    with open(f'blob{i}.bin', 'wb') as f:\n"
+        f"        for _ in range({file_mib}):\n"
+        "            f.write(os.urandom(1 << 20))\n"
+        "print('written', flush=True)\n")}
+
+
+def large_result(files: int, file_mib: int, log: Callable[[str], None]) -> Measurement:
+    """Peak RSS growth of the daemon (sampled every 50 ms) from accepting the task until the pool
+    stored its result; random (incompressible) data, so the archive is as large as the files."""
+    total_mib = files * file_mib
+    data = task_zip(big_task(files, file_mib))
+    cap_mb = max(1024, 2 * total_mib)
+    with Setup(VENV, extra={"archive": {"max_result_mb": cap_mb}}) as setup:
+        proc = psutil.Process(setup.worker.pid)
+        _latency_run(setup, "warm-big", task_zip(PRINT_TASK), timeout=300)
+        time.sleep(1.0)
+        before = proc.memory_info().rss / MIB
+        samples: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append(proc.memory_info().rss / MIB)
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        task = setup.pool.add_task("big-result", data, memory_gb=2)
+        try:
+            ok, msg = setup.pool.execute(task, data)
+            if not ok:
+                raise RuntimeError(f"worker declined the large task: {msg}")
+            wait_for(lambda: setup.pool.status("big-result") in ("COMPLETED", "FAILED"), 600,
+                     "the large result", 0.1)
+        finally:
+            done.set()
+            sampler.join()
+        t = setup.pool.pool.task("big-result")
+        assert t is not None
+        if t.status != "COMPLETED":
+            raise RuntimeError(f"large task failed: {t.message}\n{setup.worker.log_tail()}")
+        chunked = "big-result" in setup.pool.chunked.task_ids
+        size = t.result_size / MIB
+    growth = max(samples) - before
+    log(f"large result: {size:.0f} MiB archive, chunked={chunked}, RSS {before:.0f} -> peak {max(samples):.0f} MiB")
+    return Measurement(f"large result ({files} x {file_mib} MiB)", "MiB RSS growth", [growth], [before],
+                       "daemon RSS before the task", "<= 64 MiB growth", "abs", 64.0,
+                       [f"archive {size:.0f} MiB, random data (incompressible), chunked upload used: {chunked}",
+                        f"{len(samples)} RSS samples at 50 ms, one run"])
+
+
+# -- metrics snapshot ----------------------------------------------------------------------------
+def metrics_snapshot(rounds: int, iterations: int, log: Callable[[str], None]) -> Measurement:
+    import bench_metrics
+
+    from hivemind.metrics import open_metrics
+
+    native, py = open_metrics("native"), open_metrics("psutil")
+    cg, made = bench_metrics.make_leaf_cgroup()
+    res: dict[str, list[float]] = {"native": [], "psutil": []}
+    try:
+        for src in (native, py):
+            bench_metrics.per_call_us(src, "/", cg, 50)
+        for _ in range(rounds):
+            for name, src in (("native", native), ("psutil", py)):
+                res[name].append(bench_metrics.per_call_us(src, "/", cg, iterations))
+    finally:
+        native.close()
+        py.close()
+        for d in made:
+            d.rmdir()
+    log(f"metrics: native {statistics.median(res['native']):.0f} us, psutil {statistics.median(res['psutil']):.0f} us")
+    return Measurement("metrics snapshot", "us/call", res["native"], res["psutil"], "psutil",
+                       "native <= 1/3 of psutil", "ratio", 1 / 3, [f"cgroup {cg}"])
