@@ -109,11 +109,29 @@ def _latency_run(setup: Setup, task_id: str, data: bytes, timeout: float = 60) -
     ok, msg = pool.execute(task, data)
     if not ok:
         raise RuntimeError(f"worker declined {task_id}: {msg}")
-    t1 = wait_for(lambda: pool.first_output.get(task_id), timeout, f"first output of {task_id}")
+    # Ends early when the task ended without output (a broken executor), instead of timing out.
+    wait_for(lambda: task_id in pool.first_output or pool.status(task_id) in ("COMPLETED", "FAILED"),
+             timeout, f"first output of {task_id}")
+    t1 = pool.first_output.get(task_id)
+    if t1 is None:
+        raise RuntimeError(f"{task_id} ended without output: {_record_message(setup, task_id)}")
     wait_for(lambda: pool.status(task_id) in ("COMPLETED", "FAILED"), timeout, f"{task_id} to finish", 0.02)
     if pool.status(task_id) != "COMPLETED":
         raise RuntimeError(f"{task_id} failed: {pool.pool.task(task_id)}")
     return float(t1 - t0)
+
+
+def _record_message(setup: Setup, task_id: str) -> str:
+    """The execution record's message from the task's result, or why there is none."""
+    import json
+    import zipfile
+
+    t = setup.pool.pool.task(task_id)
+    if t is None or t.result_path is None:
+        return f"no result (pool status {t.status if t else '?'}: {t.message if t else ''})"
+    with zipfile.ZipFile(t.result_path) as z:
+        rec = json.loads(z.read("_hivemind/execution.json"))
+    return f"{rec.get('reason')}: {rec.get('message')}"
 
 
 def dispatch_latency(executor: str, runs: int, log: Callable[[str], None]) -> Measurement:
@@ -194,14 +212,14 @@ def throughput(n: int, repeats: int, log: Callable[[str], None]) -> Measurement:
 
 
 # -- idle footprint ------------------------------------------------------------------------------
-def idle_footprint(seconds: float, log: Callable[[str], None]) -> list[Measurement]:
+def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool = True) -> list[Measurement]:
     """RSS and CPU of the registered, idle daemon (default heartbeat, status API on), against a bare
     Python process that imports grpc and sleeps, sampled over the same window."""
     from harness import free_port
 
     bare = subprocess.Popen([sys.executable, "-c", "import grpc, time; time.sleep(100000)"])
     try:
-        with Setup(PODMAN, extra={"status": {"enabled": True, "port": free_port()}}) as setup:
+        with Setup(PODMAN if podman else VENV, extra={"status": {"enabled": True, "port": free_port()}}) as setup:
             proc = psutil.Process(setup.worker.pid)
             bproc = psutil.Process(bare.pid)
             time.sleep(min(5.0, seconds / 4))  # past registration and the first heartbeats
@@ -216,6 +234,7 @@ def idle_footprint(seconds: float, log: Callable[[str], None]) -> list[Measureme
             wall = time.monotonic() - t0
             c1, b1 = proc.cpu_times(), bproc.cpu_times()
             children = sum(c.memory_info().rss for c in proc.children(recursive=True)) / MIB
+            full = proc.memory_full_info()
             threads = proc.num_threads()
     finally:
         bare.kill()
@@ -223,7 +242,9 @@ def idle_footprint(seconds: float, log: Callable[[str], None]) -> list[Measureme
     cpu = 100.0 * ((c1.user + c1.system) - (c0.user + c0.system)) / wall
     bcpu = 100.0 * ((b1.user + b1.system) - (b0.user + b0.system)) / wall
     log(f"idle: rss {statistics.median(rss):.1f} MiB, cpu {cpu:.3f} % over {wall:.0f} s")
-    note = f"window {wall:.0f} s, heartbeat 5 s, status API on, {threads} threads; children RSS {children:.1f} MiB"
+    note = (f"{'podman' if podman else 'venv'} executor, window {wall:.0f} s, heartbeat 5 s, status API on, "
+            f"{threads} threads; PSS {full.pss / MIB:.1f} MiB, USS {full.uss / MIB:.1f} MiB at the end; "
+            f"children (podman service) RSS {children:.1f} MiB, not counted")
     return [Measurement("idle RSS", "MiB", rss, brss, "python -c 'import grpc; sleep'", "<= 60 MiB", "abs", 60.0,
                         [note]),
             Measurement("idle CPU", "% of a core", [cpu], [bcpu], "python -c 'import grpc; sleep'", "<= 0.5 %",

@@ -102,7 +102,7 @@ class PodmanConfig:
 @dataclass(frozen=True)
 class VenvConfig:
     cache_dir: str = opt("", "Where venvs are cached by requirements hash; empty means STATE_DIR/venvs.", path=True)
-    python: str = opt("", "Interpreter for task venvs; empty means the worker's python3.")
+    python: str = opt("", "Interpreter for task venvs; empty means /usr/bin/python3 if present, else the worker's base interpreter.")
     task_user: str = opt("nobody", "Unprivileged user tasks run as when the worker is root.")
     nofile: int = opt(1024, "RLIMIT_NOFILE of a task.", min=64, max=1048576)
     nproc: int = opt(512, "RLIMIT_NPROC of a task (per user).", min=16, max=1048576)

@@ -22,6 +22,7 @@ type handle struct {
 	mu      sync.Mutex
 	col     *Collector
 	lastErr string
+	closed  bool // set by hm_close; a call that looked the handle up just before must not reopen files
 }
 
 var (
@@ -66,6 +67,7 @@ func hm_close(handle C.int) C.int {
 	}
 	delete(handles, handle)
 	h.mu.Lock() // wait out a snapshot in flight on another thread
+	h.closed = true
 	h.col.Close()
 	h.mu.Unlock()
 	return 0
@@ -95,6 +97,9 @@ func hm_snapshot(handle C.int, disk_path *C.char, cgroup_path *C.char, out *C.hm
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.closed {
+		return -1
+	}
 	if out == nil {
 		h.lastErr = "out must not be NULL"
 		return -1

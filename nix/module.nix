@@ -1,7 +1,9 @@
 # services.hivemind-worker: the worker as a hardened systemd service with rootless Podman.
 #
-# The unit's directives come from units/hivemind-worker.unit.json, the same file that renders
-# units/hivemind-worker.service for Debian, so both carry the same hardening (and the same
+# Two units, as on Debian: hivemind-worker (fully hardened) and hivemind-podman, the service
+# user's rootless Podman API service that runs the tasks (it carries every relaxation rootless
+# Podman needs). Their directives come from units/hivemind-{worker,podman}.unit.json, the files
+# that render units/*.service for Debian, so both systems carry the same hardening (and the same
 # documented relaxations). Each directive is mkDefault: override any one line in your config.
 # Secrets are paths read at service start through LoadCredential=, never copied into the store.
 { config, lib, pkgs, ... }:
@@ -12,13 +14,20 @@ let
   cfg = config.services.hivemind-worker;
   yaml = pkgs.formats.yaml { };
 
+  podman = lib.getExe config.virtualisation.podman.package;
+
   substitute = builtins.replaceStrings
-    [ "@bin@" "@config@" "@kill@" ]
-    [ (lib.getExe cfg.package) "${configFile}" "${pkgs.coreutils}/bin/kill" ];
+    [ "@bin@" "@config@" "@kill@" "@podman@" "@sh@" ]
+    [ (lib.getExe cfg.package) "${configFile}" "${pkgs.coreutils}/bin/kill" podman pkgs.runtimeShell ];
 
   directives = import ./unit-directives.nix { inherit substitute; };
+  podmanDirectives = import ./unit-directives.nix { inherit substitute; name = "hivemind-podman"; };
   unitDirectives = directives.unit;
-  splitWords = key: lib.splitString " " (unitDirectives.${key} or "");
+  splitWords = attrs: key: lib.splitString " " (attrs.${key} or "");
+  # Keys that map onto NixOS options of their own (wants, after, ...) rather than unitConfig.
+  listKeys = [ "Description" "Wants" "Requires" "After" ];
+
+  podmanSocket = "/run/hivemind-podman/podman.sock";
 
   # A secret option: an absolute path as a string, so the file never enters the Nix store.
   secretPath = description: mkOption {
@@ -60,12 +69,12 @@ let
 
   taskImageRef = "${cfg.taskImage.imageName}:${cfg.taskImage.imageTag}";
 
-  # Loads the pinned task image into the service user's rootless storage, once per image.
+  # Loads the pinned task image into the service user's rootless storage, once per image. Runs
+  # in hivemind-podman.service: the rootless CLI needs newuidmap, which the worker's unit forbids.
   loadTaskImage = pkgs.writeShellScript "hivemind-load-task-image" ''
     set -eu
-    podman=${lib.getExe config.virtualisation.podman.package}
-    if ! "$podman" image exists ${lib.escapeShellArg taskImageRef}; then
-      ${cfg.taskImage} | "$podman" load
+    if ! ${podman} image exists ${lib.escapeShellArg taskImageRef}; then
+      ${cfg.taskImage} | ${podman} load
     fi
   '';
 in
@@ -187,6 +196,7 @@ in
     services.hivemind-worker.settings = {
       logging.target = mkDefault "journal";
       executor.podman.image = mkIf (cfg.taskImage != null) (mkDefault taskImageRef);
+      executor.podman.socket = mkDefault "unix://${podmanSocket}";
     };
 
     virtualisation.podman.enable = mkDefault true;
@@ -209,23 +219,36 @@ in
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.settings.server.port ];
 
+    systemd.services.hivemind-podman = {
+      description = podmanDirectives.unit.Description;
+
+      # newuidmap/newgidmap must be the setuid wrappers, so /run/wrappers comes first.
+      path = [ "/run/wrappers" config.virtualisation.podman.package pkgs.fuse-overlayfs pkgs.slirp4netns
+               pkgs.shadow pkgs.coreutils ];
+
+      unitConfig = lib.mapAttrs (_: mkDefault) (builtins.removeAttrs podmanDirectives.unit listKeys);
+
+      serviceConfig = lib.mapAttrs (_: mkDefault) podmanDirectives.service // {
+        ExecStartPost = [ podmanDirectives.service.ExecStartPost ]
+          ++ lib.optional (cfg.taskImage != null) "${loadTaskImage}";
+      };
+    };
+
     systemd.services.hivemind-worker = {
       description = unitDirectives.Description;
-      wants = splitWords "Wants";
-      after = splitWords "After";
+      wants = splitWords unitDirectives "Wants";
+      requires = splitWords unitDirectives "Requires";
+      after = splitWords unitDirectives "After";
       wantedBy = lib.splitString " " directives.install.WantedBy;
       restartTriggers = [ configFile ];
 
-      # newuidmap/newgidmap must be the setuid wrappers, so /run/wrappers comes first.
-      path = [ "/run/wrappers" config.virtualisation.podman.package pkgs.fuse-overlayfs pkgs.slirp4netns pkgs.shadow ];
+      # The podman executor checks that the CLI exists; it talks to hivemind-podman's API only.
+      path = [ config.virtualisation.podman.package ];
 
-      unitConfig = lib.mapAttrs (_: mkDefault)
-        (builtins.removeAttrs unitDirectives [ "Description" "Wants" "After" ]);
+      unitConfig = lib.mapAttrs (_: mkDefault) (builtins.removeAttrs unitDirectives listKeys);
 
       serviceConfig = lib.mapAttrs (_: mkDefault) directives.service // {
-        ExecStartPre =
-          lib.optional (cfg.taskImage != null) "${loadTaskImage}"
-          ++ [ "${lib.getExe cfg.package} check-config --config ${configFile}" ];
+        ExecStartPre = [ "${lib.getExe cfg.package} check-config --config ${configFile}" ];
         LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") credentials;
       };
     };

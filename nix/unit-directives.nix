@@ -1,8 +1,9 @@
-# units/hivemind-worker.unit.json as NixOS unit attribute sets: { unit, service, install }, each
+# units/NAME.unit.json as NixOS unit attribute sets: { unit, service, install }, each
 # `Key = value` (or a list where a directive repeats). Builtins only, so tests/test_nix.py can
-# evaluate it without nixpkgs and compare it with units/hivemind-worker.service.
+# evaluate it without nixpkgs and compare it with units/NAME.service.
 { substitute ? (value: value)
-, spec ? builtins.fromJSON (builtins.readFile ../units/hivemind-worker.unit.json)
+, name ? "hivemind-worker"
+, spec ? builtins.fromJSON (builtins.readFile (../units + "/${name}.unit.json"))
 }:
 
 let

@@ -62,7 +62,7 @@ in
 
       with subtest("the task image is in the service user's rootless storage"):
           machine.succeed(
-              "runuser -u hivemind -- env XDG_RUNTIME_DIR=/run/hivemind-worker "
+              "runuser -u hivemind -- env XDG_RUNTIME_DIR=/run/hivemind-podman "
               "podman image exists ${nodes.machine.services.hivemind-worker.settings.executor.podman.image}")
 
       with subtest("a task runs and its output is journaled under its TASK_ID"):
@@ -84,9 +84,20 @@ in
           machine.succeed("systemctl reload hivemind-worker")
           machine.wait_until_succeeds("journalctl -u hivemind-worker EVENT=config.reloaded | grep -q reloaded")
 
-      with subtest("hardening as the unit file says"):
+      with subtest("hardening as the unit files say"):
           machine.succeed("systemctl show hivemind-worker -p ProtectSystem | grep -q strict")
-          machine.succeed("systemctl show hivemind-worker -p NoNewPrivileges | grep -q no")
+          machine.succeed("systemctl show hivemind-worker -p NoNewPrivileges | grep -q yes")
+          machine.succeed("systemctl show hivemind-podman -p NoNewPrivileges | grep -q no")
+          machine.succeed("systemctl is-active hivemind-podman")
+          score = machine.succeed("systemd-analyze security hivemind-worker | tail -1")
+          assert float(score.split(":")[1].split()[0]) <= 3.0, score
+
+      with subtest("a worker restart leaves the Podman service (and its containers) alone"):
+          podman_pid = machine.succeed("systemctl show -p MainPID --value hivemind-podman").strip()
+          machine.succeed("systemctl restart hivemind-worker")
+          assert machine.succeed("systemctl show -p MainPID --value hivemind-podman").strip() == podman_pid
+          machine.wait_until_succeeds(
+              "systemctl status hivemind-worker | grep -q 'Status: \"registered'", timeout=60)
 
       with subtest("stops cleanly"):
           machine.succeed("systemctl stop hivemind-worker")

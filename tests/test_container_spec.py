@@ -42,6 +42,8 @@ def test_defaults_are_locked_down(tmp_path: Path) -> None:
     assert {"Name": "nofile", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
     assert {"Name": "nproc", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
     assert "devices" not in kw and "userns_mode" not in kw
+    assert kw["init"] is True            # SIGTERM reaches the task; PID 1 alone ignores it
+    assert kw["log_config"] == {"Type": "k8s-file"}
 
 
 def test_labels_are_ours_and_cannot_be_overridden(tmp_path: Path) -> None:

@@ -189,3 +189,49 @@ def test_garbage_from_the_pool_gets_clear_refusals_and_the_worker_keeps_serving(
         r2 = ex(task_id="g7", task_zip=good)
         assert "already" in r2.message
         assert w.alive()
+
+
+def test_known_secrets_reach_no_log_status_error_or_result(tmp_path: Path, pool) -> None:
+    from e2e import WORKER_PASSWORD
+
+    w = write_worker_config(tmp_path, pool.address, VENV)
+    pw_file = tmp_path / "pool-password"
+    probe = {
+        "main.py": (
+            "import os, sys\n"
+            "print('ENV', sorted(os.environ.items()), flush=True)\n"
+            f"p = {str(pw_file)!r}\n"
+            "try:\n"
+            "    print('READ', open(p).read(), flush=True)\n"
+            "except OSError as e:\n"
+            "    print('DENIED', type(e).__name__, flush=True)\n"
+            "sys.exit(3)\n"
+        ),
+    }
+    w.env = {"HIVEMIND_TEST_SECRET_ENV": WORKER_PASSWORD}  # a secret in the worker's own environment
+    with running_worker(w, pool):
+        upload(pool, probe, "secret-1")
+        z = result_of(pool, "secret-1")
+        record = json.loads(z.read("_hivemind/execution.json"))
+        assert record["exit_code"] == 3
+        out = z.read("_hivemind/output.log").decode()
+        assert "ENV" in out and ("DENIED" in out or "READ" not in out)
+        import urllib.request
+
+        status_bodies = b"".join(
+            urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}{p}").read()
+            for p in ("/api/v1/status", "/api/v1/tasks", "/api/v1/tasks/secret-1", "/metrics"))
+        # A refusal (error message) after a run with secrets set.
+        stub = worker_stub(w)
+        refusal = stub.ExecuteTask(pb.ExecuteTaskRequest(task_id="bad id!", task_zip=b"x"), timeout=10)
+        assert not refusal.success
+        result_bytes = b"".join(z.read(n) for n in z.namelist())
+        # Files the worker wrote with secrets in them would have to be 0600; it writes none.
+        for f in w.state_dir.rglob("*"):
+            if f.is_file() and WORKER_PASSWORD.encode() in f.read_bytes():
+                assert (f.stat().st_mode & 0o077) == 0, f"{f} holds a secret and is readable by others"
+    secret = WORKER_PASSWORD.encode()
+    assert secret not in result_bytes, "the pool password reached a result archive"
+    assert secret not in status_bodies, "the pool password reached the status API"
+    assert WORKER_PASSWORD not in refusal.message
+    assert WORKER_PASSWORD not in w.log(), "the pool password reached the log"

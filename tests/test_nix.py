@@ -1,4 +1,4 @@
-"""The Nix files: every one parses, the NixOS unit directives equal units/hivemind-worker.service,
+"""The Nix files: every one parses, the NixOS unit directives equal units/hivemind-{worker,podman}.service,
 and the flake's metadata and lock evaluate. nixpkgs can't be fetched here, so the module itself,
 the packages and the VM test are only parsed (they are built by `nix flake check` elsewhere)."""
 
@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 NIX_FILES = sorted({*REPO.glob("*.nix"), *REPO.glob("nix/*.nix"), REPO / "native/default.nix",
                     REPO / "images/default.nix"})
 DEBIAN_PATHS = {"@bin@": "/opt/hivemind-worker/bin/hivemind-worker",
-                "@config@": "/etc/hivemind/worker.yaml", "@kill@": "/bin/kill"}
+                "@config@": "/etc/hivemind/worker.yaml", "@kill@": "/bin/kill",
+                "@podman@": "/usr/bin/podman", "@sh@": "/bin/sh"}
 
 pytestmark = pytest.mark.skipif(not shutil.which("nix-instantiate"), reason="nix-instantiate not installed")
 
@@ -59,24 +60,40 @@ def test_expected_files_exist() -> None:
             "native/default.nix", "images/default.nix"} <= names
 
 
-def test_module_unit_equals_debian_unit() -> None:
+@pytest.mark.parametrize("name", ["hivemind-worker", "hivemind-podman"])
+def test_module_unit_equals_debian_unit(name: str) -> None:
     """The module's directives (nix/unit-directives.nix, evaluated by Nix) against the parsed
-    units/hivemind-worker.service, with the Debian paths substituted."""
+    units/NAME.service, with the Debian paths substituted."""
     froms = " ".join(json.dumps(k) for k in DEBIAN_PATHS)
     tos = " ".join(json.dumps(v) for v in DEBIAN_PATHS.values())
-    evaluated = nix_eval(f"import ./nix/unit-directives.nix {{ substitute = builtins.replaceStrings [ {froms} ] [ {tos} ]; }}")
+    evaluated = nix_eval(f"import ./nix/unit-directives.nix {{ name = {json.dumps(name)}; "
+                         f"substitute = builtins.replaceStrings [ {froms} ] [ {tos} ]; }}")
     assert isinstance(evaluated, dict)
-    unit = parse_unit((REPO / "units/hivemind-worker.service").read_text())
+    unit = parse_unit((REPO / f"units/{name}.service").read_text())
 
     def as_lists(attrs: dict[str, Any]) -> dict[str, list[str]]:
         return {k: v if isinstance(v, list) else [v] for k, v in attrs.items()}
 
     debian_service = dict(unit["Service"])
-    # Credentials are the one intended difference: NixOS builds them from *File options.
-    assert debian_service.pop("LoadCredential") == ["pool-password:/etc/hivemind/pool-password"]
+    if name == "hivemind-worker":
+        # Credentials are the one intended difference: NixOS builds them from *File options.
+        assert debian_service.pop("LoadCredential") == ["pool-password:/etc/hivemind/pool-password"]
     assert as_lists(evaluated["service"]) == debian_service
     assert as_lists(evaluated["unit"]) == dict(unit["Unit"])
-    assert as_lists(evaluated["install"]) == dict(unit["Install"])
+    assert as_lists(evaluated["install"]) == dict(unit.get("Install", {}))
+
+
+def test_module_wires_the_podman_unit() -> None:
+    module = (REPO / "nix/module.nix").read_text()
+    assert 'name = "hivemind-podman"' in module
+    assert "systemd.services.hivemind-podman" in module
+    assert 'requires = splitWords unitDirectives "Requires"' in module
+    # The worker is told about the socket the Podman unit serves (%t is /run for system units).
+    assert 'podmanSocket = "/run/hivemind-podman/podman.sock"' in module
+    assert 'executor.podman.socket = mkDefault "unix://${podmanSocket}"' in module
+    # The rootless CLI (image load) runs in the Podman unit: newuidmap fails under the worker's.
+    podman_unit = module.split("systemd.services.hivemind-podman = {", 1)[1].split("\n    };", 1)[0]
+    assert "loadTaskImage" in podman_unit and "/run/wrappers" in podman_unit
 
 
 def test_module_reads_the_shared_directives_and_keeps_secrets_out_of_the_store() -> None:

@@ -7,7 +7,6 @@ is left behind and that no pip-cache lock remains.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pwd
@@ -145,6 +144,7 @@ def test_output_arrives_while_task_runs(ex: PodmanExecutor, tmp_path: Path) -> N
     assert res is not None and res.reason == ExitReason.EXITED and res.exit_code == 0
     assert sink.texts("stdout") == ["first", "second"]
     assert sink.texts("stderr") == ["to-stderr"]
+    assert res.peak_memory_bytes and res.peak_memory_bytes > 1024 * 1024   # rootful cgroup v1
     ex.cleanup("t1")
     ex.cleanup("t1")                                  # idempotent
 
@@ -158,6 +158,7 @@ def test_exit_codes_and_failed_start(ex: PodmanExecutor, tmp_path: Path) -> None
     ex.start(bad, Sink())
     res = ex.wait("t2", 60)
     assert res is not None and res.reason == ExitReason.FAILED_TO_START, res
+    assert "entry point" in res.message
 
 
 def test_memory_limit_ends_out_of_memory(ex: PodmanExecutor, tmp_path: Path) -> None:
@@ -301,23 +302,33 @@ def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, no
     def hold() -> None:
         srv.settimeout(0.1)
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
+            try:
                 held.append(srv.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:      # the server socket was closed: the test is over
+                return
 
-    threading.Thread(target=hold, daemon=True).start()
     port = srv.getsockname()[1]
     spec = _requirements_task(
         tmp_path, f"--index-url http://host.containers.internal:{port}/simple\n"
         "--trusted-host host.containers.internal\nsix\n", "t1")
     cancel = threading.Event()
     prep = Sink()
+    hold_thread = threading.Thread(target=hold, daemon=True)
+    hold_thread.start()
     try:
-        threading.Timer(0.2, lambda: (_wait_until(lambda: bool(held), 30), cancel.set())).start()
+        def cancel_once_pip_connects() -> None:
+            _wait_until(lambda: bool(held), 30)
+            cancel.set()
+
+        threading.Thread(target=cancel_once_pip_connects, daemon=True).start()
         with pytest.raises(PrepareCancelled):
             ex.prepare(spec, prep, cancel)
         assert held, "pip never connected to the index"
     finally:
         stop.set()
+        hold_thread.join(1)
         for c in held:
             c.close()
         srv.close()

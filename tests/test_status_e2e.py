@@ -62,8 +62,8 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     assert st["metrics_backend"] in ("native", "psutil")
     tasks = json.loads(http("GET", f"{base}/api/v1/tasks")[1])["tasks"]
     assert [t["task_id"] for t in tasks] == ["status-run-1"]
-    one = json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1])
-    assert any("tick" in line for line in one["output_tail"])
+    one = wait_for(lambda: (t := json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1]))
+                   and any("tick" in line for line in t["output_tail"]) and t, 30, "output in the task's tail")
     assert one["requested"]["memory_bytes"] == 1024 ** 3
     assert http("GET", f"{base}/api/v1/tasks/nope")[0] == 404
     assert http("GET", f"{base}/no/such/route")[0] == 404

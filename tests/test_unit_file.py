@@ -1,5 +1,6 @@
-"""The systemd unit, sysusers and tmpfiles files: their key directives, that the committed unit is
-the rendering of units/hivemind-worker.unit.json, and systemd's own offline checks."""
+"""The systemd units (hivemind-worker, and hivemind-podman with the rootless Podman API service),
+sysusers and tmpfiles files: their key directives, that the committed units are the renderings of
+units/*.unit.json, and systemd's own offline checks (verify, security score)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "units"
 SERVICE = UNITS / "hivemind-worker.service"
-# Measured 5.8 with every seccomp-based directive left out (they force no_new_privs, see the
-# unit's comments); this bound catches a hardening line dropped by accident.
-MAX_EXPOSURE = 6.0
+PODMAN_SERVICE = UNITS / "hivemind-podman.service"
+# Issue 6's target for the worker (measured 1.4 with systemd 252). The Podman unit keeps the
+# relaxations newuidmap needs (measured 6.2); its bound catches a hardening line dropped by accident.
+MAX_EXPOSURE = {SERVICE: 3.0, PODMAN_SERVICE: 6.5}
+# Each of these is seccomp-based, so for a User= service it forces no_new_privs.
+SECCOMP_BASED = ("SystemCallFilter", "SystemCallArchitectures", "RestrictNamespaces",
+                 "RestrictAddressFamilies", "PrivateDevices", "ProtectKernelModules", "ProtectKernelLogs",
+                 "ProtectClock", "ProtectHostname", "RestrictSUIDSGID", "RestrictRealtime",
+                 "LockPersonality", "MemoryDenyWriteExecute")
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -50,6 +57,11 @@ def _remove_systemd_analyze_marker() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def unit() -> dict[str, dict[str, list[str]]]:
     return parse_unit(SERVICE.read_text())
+
+
+@pytest.fixture(scope="module")
+def podman_unit() -> dict[str, dict[str, list[str]]]:
+    return parse_unit(PODMAN_SERVICE.read_text())
 
 
 def one(unit: dict[str, dict[str, list[str]]], key: str, section: str = "Service") -> str:
@@ -85,29 +97,79 @@ def test_commands_and_credentials(unit: dict[str, dict[str, list[str]]]) -> None
     assert one(unit, "User") == "hivemind"
     for key in ("StateDirectory", "RuntimeDirectory", "LogsDirectory"):
         assert one(unit, key) == "hivemind-worker"
-    assert one(unit, "RuntimeDirectoryPreserve") == "restart"
 
 
-def test_hardening_and_its_documented_relaxations(unit: dict[str, dict[str, list[str]]]) -> None:
+
+def test_worker_requires_the_podman_unit(unit: dict[str, dict[str, list[str]]],
+                                         podman_unit: dict[str, dict[str, list[str]]]) -> None:
+    assert one(unit, "Requires", "Unit") == "hivemind-podman.service"
+    assert "hivemind-podman.service" in one(unit, "After", "Unit").split()
+    # Skipped (not failed) without Podman, so the required unit doesn't keep the worker down.
+    assert one(podman_unit, "ConditionFileIsExecutable", "Unit") == "/usr/bin/podman"
+    assert "Install" not in podman_unit
+
+
+def test_podman_unit_serves_the_socket_the_worker_is_told_about(
+        podman_unit: dict[str, dict[str, list[str]]]) -> None:
+    socket = "%t/hivemind-podman/podman.sock"
+    assert one(podman_unit, "ExecStart") == f"/usr/bin/podman system service --time=0 unix://{socket}"
+    assert one(podman_unit, "Environment") == "XDG_RUNTIME_DIR=%t/hivemind-podman"
+    assert one(podman_unit, "RuntimeDirectory") == "hivemind-podman"
+    assert f"-S {socket}" in one(podman_unit, "ExecStartPost")
+    # %t is /run for system units: the path units/install writes into worker.yaml.
+    assert f'socket: "unix://{socket.replace("%t", "/run")}"' in (UNITS / "install").read_text()
+    assert (one(podman_unit, "User"), one(podman_unit, "StateDirectory")) == ("hivemind", "hivemind-worker")
+
+
+def test_task_survival_semantics(podman_unit: dict[str, dict[str, list[str]]]) -> None:
+    # Containers (children of conmon) stay when the API service restarts or stops, and so does
+    # the runtime state they need.
+    assert one(podman_unit, "KillMode") == "process"
+    assert one(podman_unit, "RuntimeDirectoryPreserve") == "yes"
+    assert one(podman_unit, "Restart") == "on-failure"
+
+
+def test_worker_is_fully_hardened(unit: dict[str, dict[str, list[str]]]) -> None:
+    service = unit["Service"]
     assert one(unit, "ProtectSystem") == "strict"
     assert one(unit, "ProtectHome") == "yes"
     assert one(unit, "PrivateTmp") == "yes"
-    assert one(unit, "NoNewPrivileges") == "no"
-    assert set(one(unit, "CapabilityBoundingSet").split()) == {"CAP_SETUID", "CAP_SETGID"}
+    assert one(unit, "NoNewPrivileges") == "yes"
+    assert one(unit, "CapabilityBoundingSet") == ""
     assert one(unit, "AmbientCapabilities") == ""
-    # Each of these implies no_new_privs for a User= service, which breaks newuidmap.
-    for forbidden in ("SystemCallFilter", "RestrictNamespaces", "PrivateDevices",
-                      "ProtectKernelTunables", "LockPersonality", "RestrictSUIDSGID"):
-        assert forbidden not in unit["Service"], forbidden
-    # Every relaxation carries a one-line reason just above it.
-    lines = SERVICE.read_text().splitlines()
-    for key in ("NoNewPrivileges=no", "CapabilityBoundingSet=", "KillMode=", "DeviceAllow="):
+    for key in SECCOMP_BASED:
+        assert key in service, key
+    assert service["SystemCallFilter"] == ["@system-service", "~@privileged"]
+    assert "DeviceAllow" not in service
+
+
+def test_podman_unit_keeps_only_its_documented_relaxations(
+        podman_unit: dict[str, dict[str, list[str]]]) -> None:
+    assert one(podman_unit, "ProtectSystem") == "strict"
+    assert one(podman_unit, "ProtectHome") == "yes"
+    assert one(podman_unit, "PrivateTmp") == "yes"
+    assert one(podman_unit, "NoNewPrivileges") == "no"
+    assert set(one(podman_unit, "CapabilityBoundingSet").split()) == {"CAP_SETUID", "CAP_SETGID"}
+    assert one(podman_unit, "AmbientCapabilities") == ""
+    for key in SECCOMP_BASED:
+        assert key not in podman_unit["Service"], key
+
+
+@pytest.mark.parametrize(("service", "relaxed"), [
+    (SERVICE, ("KillMode=", "MemoryDenyWriteExecute=", "RestrictAddressFamilies=", "RestrictNamespaces=")),
+    (PODMAN_SERVICE, ("NoNewPrivileges=no", "CapabilityBoundingSet=", "KillMode=", "DeviceAllow=",
+                      "Delegate=", "RuntimeDirectoryPreserve=")),
+], ids=lambda v: v.name if isinstance(v, Path) else "")
+def test_every_relaxation_carries_a_reason(service: Path, relaxed: tuple[str, ...]) -> None:
+    lines = service.read_text().splitlines()
+    for key in relaxed:
         idx = next(i for i, line in enumerate(lines) if line.startswith(key))
         assert lines[idx - 1].startswith("# "), key
 
 
-def test_json_entries_are_well_formed() -> None:
-    data = json.loads((UNITS / "hivemind-worker.unit.json").read_text())
+@pytest.mark.parametrize("name", ["hivemind-worker", "hivemind-podman"])
+def test_json_entries_are_well_formed(name: str) -> None:
+    data = json.loads((UNITS / f"{name}.unit.json").read_text())
     for entry in data["directives"]:
         assert entry["section"] in ("Unit", "Service", "Install")
         assert ("key" in entry) != ("comment" in entry), entry
@@ -117,23 +179,29 @@ def test_json_entries_are_well_formed() -> None:
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    # verify insists that ExecStart exists; point it at a real binary, keep everything else.
-    text = SERVICE.read_text().replace("/opt/hivemind-worker/bin/hivemind-worker", shutil.which("true") or "/bin/true")
-    unit_file = tmp_path / "hivemind-worker.service"
-    unit_file.write_text(text)
-    run = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_file)],
+    # verify insists that executables exist; point them at a real binary, keep everything else,
+    # and verify both units together so Requires= resolves.
+    true = shutil.which("true") or "/bin/true"
+    files = []
+    for service in (SERVICE, PODMAN_SERVICE):
+        text = (service.read_text().replace("/opt/hivemind-worker/bin/hivemind-worker", true)
+                .replace("/usr/bin/podman", true))
+        files.append(tmp_path / service.name)
+        files[-1].write_text(text)
+    run = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, files)],
                          capture_output=True, text=True, cwd=tmp_path)
-    problems = [line for line in (run.stdout + run.stderr).splitlines() if "hivemind-worker" in line]
+    problems = [line for line in (run.stdout + run.stderr).splitlines() if "hivemind-" in line]
     assert run.returncode == 0 and not problems, run.stdout + run.stderr
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
-def test_security_exposure_score(tmp_path: Path) -> None:
-    run = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(SERVICE)],
+@pytest.mark.parametrize("service", [SERVICE, PODMAN_SERVICE], ids=lambda p: p.name)
+def test_security_exposure_score(service: Path, tmp_path: Path) -> None:
+    run = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(service)],
                          capture_output=True, text=True, cwd=tmp_path)
-    match = re.search(r"Overall exposure level for hivemind-worker.service: ([0-9.]+)", run.stdout)
+    match = re.search(rf"Overall exposure level for {re.escape(service.name)}: ([0-9.]+)", run.stdout)
     assert match, run.stdout + run.stderr
-    assert float(match.group(1)) <= MAX_EXPOSURE
+    assert float(match.group(1)) <= MAX_EXPOSURE[service]
 
 
 @pytest.mark.skipif(not shutil.which("systemd-sysusers") or not shutil.which("systemd-tmpfiles"),

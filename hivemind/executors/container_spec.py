@@ -108,6 +108,9 @@ class ContainerSpec:
             # k8s-file, not the default journald: journald may not run here, and logs --follow
             # must work for recovery after a daemon restart.
             "log_config": {"Type": "k8s-file"},
+            # catatonit as PID 1: forwards SIGTERM (a bare PID 1 ignores it, so every stop would
+            # wait the whole grace period) and reaps orphans.
+            "init": True,
         }
         if self.pids_limit is not None:
             kw["pids_limit"] = self.pids_limit

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -64,6 +65,8 @@ from hivemind.executors.podman_adapter import (
 from hivemind.executors.podman_service import PodmanService
 
 HANDLE_VERSION = 1
+# What catatonit (the container's PID 1) prints when the entry point cannot be executed.
+EXEC_FAILED = re.compile(r"^ERROR \(catatonit:\d+\): failed to exec pid1: (.*)$")
 CGROUP_V1_ROOTS = ("/sys/fs/cgroup/memory/libpod_parent/libpod-{id}",
                    "/sys/fs/cgroup/memory/machine.slice/libpod-{id}.scope")
 
@@ -88,6 +91,7 @@ class _Run:
     cpu_ns: int | None = None
     last_cpu: tuple[float, int] | None = None
     timer: threading.Timer | None = None
+    exec_error: str = ""                # catatonit could not exec the entry point
 
 
 def _lines(frames: Iterator[LogFrame], now: Callable[[], float]) -> Iterator[OutputLine]:
@@ -326,18 +330,26 @@ class PodmanExecutor:
         self._check_applied(spec.task_id, st, cs)
         run = _Run(spec.task_id, cid, self._clock(), timeout_s, st.memory_limit, sink)
         try:
+            frames: Iterator[LogFrame] | None = api.attach(cid)
+        except (PodmanError, TaskNotFound) as exc:
+            self._log.warning("task %s: attach failed (%s); following logs instead",
+                              spec.task_id, exc)
+            frames = None
+        try:
             api.start(cid)
         except PodmanError as exc:
             now = self._clock()
             run.result = ExitResult(None, ExitReason.FAILED_TO_START, run.started_at, now,
                                     message=str(exc)[:500])
             run.done.set()
+            if frames is not None:
+                frames.close()    # type: ignore[attr-defined]
             with self._lock:
                 self._runs[spec.task_id] = run
             return self._handle(run)
         with self._lock:
             self._runs[spec.task_id] = run
-        self._monitor(api, run, since=None)
+        self._monitor(api, run, since=None, frames=frames)
         return self._handle(run)
 
     def _handle(self, run: _Run) -> TaskHandle:
@@ -350,26 +362,38 @@ class PodmanExecutor:
         if missing:
             self._log.warning("task %s: limits not applied: %s", task_id, "; ".join(missing))
 
-    def _monitor(self, api: PodmanAdapter, run: _Run, since: float | None) -> None:
+    def _monitor(self, api: PodmanAdapter, run: _Run, since: float | None,
+                 frames: Iterator[LogFrame] | None = None) -> None:
         remaining = run.started_at + run.timeout_s - self._clock()
         run.timer = threading.Timer(max(0.0, remaining), self._on_timeout, (run,))
         run.timer.daemon = True
         run.timer.start()
-        threading.Thread(target=self._follow, args=(api, run, since),
+        threading.Thread(target=self._follow, args=(api, run, since, frames),
                          name=f"task-{run.task_id}", daemon=True).start()
         threading.Thread(target=self._sample, args=(run,), name=f"cgroup-{run.task_id}",
                          daemon=True).start()
 
     def _pump(self, api: PodmanAdapter, ref: str, since: float | None, sink: OutputSink,
-              stream: str | None = None) -> None:
+              stream: str | None = None, frames: Iterator[LogFrame] | None = None,
+              run: _Run | None = None) -> None:
         try:
-            for line in _lines(api.logs(ref, follow=True, since=since), self._clock):
+            if frames is None:
+                frames = api.logs(ref, follow=True, since=since)
+            first_stderr = True
+            for line in _lines(frames, self._clock):
+                if run is not None and line.stream == "stderr" and first_stderr:
+                    first_stderr = False
+                    m = EXEC_FAILED.match(line.text)
+                    if m:
+                        run.exec_error = f"cannot execute the entry point: {m.group(1)}"
+                        continue
                 sink(OutputLine(line.ts, stream or line.stream, line.text))
         except (PodmanError, TaskNotFound, OSError) as exc:
             self._log.debug("log stream of %s ended: %s", ref, exc)
 
-    def _follow(self, api: PodmanAdapter, run: _Run, since: float | None) -> None:
-        self._pump(api, run.container_id, since, run.sink)
+    def _follow(self, api: PodmanAdapter, run: _Run, since: float | None,
+                frames: Iterator[LogFrame] | None) -> None:
+        self._pump(api, run.container_id, since, run.sink, frames=frames, run=run)
         try:
             api.wait(run.container_id, self._interval)
             st = api.inspect(run.container_id)
@@ -397,13 +421,13 @@ class PodmanExecutor:
             reason = ExitReason.OUT_OF_MEMORY
         elif run.stop_requested:
             reason = ExitReason.STOPPED
-        elif code is None or (st.error and code in (126, 127)):
+        elif code is None or (st.error and code in (126, 127)) or (run.exec_error and code == 1):
             reason = ExitReason.FAILED_TO_START
         else:
             reason = ExitReason.EXITED
         cpu = run.cpu_ns / 1e9 if run.cpu_ns is not None else None
         return ExitResult(code, reason, run.started_at, finished, run.peak_memory, cpu,
-                          message=st.error[:500])
+                          message=(run.exec_error or st.error)[:500])
 
     def _kernel_saw_oom(self, cid: str) -> bool:
         """Podman with runc on cgroup v1 leaves State.OOMKilled false, and the cgroup (with its
@@ -457,8 +481,10 @@ class PodmanExecutor:
 
     def _sample(self, run: _Run) -> None:
         # The cgroup vanishes with the container, so the last sample before exit is what we get.
-        while not run.done.wait(0.2):
+        while True:
             self._sample_once(run)
+            if run.done.wait(0.2):
+                return
 
     # -- the rest of the Executor protocol ------------------------------------------------------
 

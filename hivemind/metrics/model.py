@@ -51,7 +51,7 @@ class MetricsUnavailable(HivemindError):
 
 class MetricsSource(Protocol):
     """A source of snapshots. One source keeps its own previous CPU counters, so two sources
-    never disturb each other's `cpu_busy`. Safe to call from one thread at a time per source."""
+    never disturb each other's `cpu_busy`. Sources are thread-safe."""
 
     backend: str  # "native" or "psutil"
     fallback_reason: str | None  # why "auto" didn't give the native backend; None otherwise

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from pathlib import Path
 
 from hivemind.metrics.model import (
@@ -103,7 +104,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 class NativeSource:
-    """One handle of the native library: its own previous CPU counters and last error."""
+    """One handle of the native library: its own previous CPU counters, kept-open files (up to
+    128 descriptors) and last error. Thread-safe."""
 
     backend = "native"
     fallback_reason: str | None = None
@@ -116,12 +118,17 @@ class NativeSource:
             raise MetricsUnavailable("hm_open failed")
         # Reused for every call: the library fills caller-owned memory only.
         self._out = _CSnapshot()
+        self._lock = threading.Lock()
         self._err = ctypes.create_string_buffer(_ERROR_BUF)
         if cgroup_root != DEFAULT_CGROUP_ROOT and lib.hm_set_cgroup_root(
                 self._handle, cgroup_root.encode()) != 0:
             raise MetricsUnavailable(f"cgroup root {cgroup_root!r} rejected: {self._last_error()}")
 
     def snapshot(self, disk_path: str = "/", cgroup_path: str | None = None) -> Snapshot:
+        with self._lock:
+            return self._snapshot(disk_path, cgroup_path)
+
+    def _snapshot(self, disk_path: str, cgroup_path: str | None) -> Snapshot:
         if self._handle <= 0:
             raise MetricsError("metrics source is closed")
         if os.getpid() != self._pid:
@@ -154,8 +161,9 @@ class NativeSource:
         return self._err.value.decode("utf-8", "replace") or "native snapshot failed"
 
     def close(self) -> None:
-        if self._handle > 0 and os.getpid() == self._pid:
-            self._lib.hm_close(self._handle)
+        with self._lock:
+            if self._handle > 0 and os.getpid() == self._pid:
+                self._lib.hm_close(self._handle)
             self._handle = 0
 
 

@@ -7,6 +7,7 @@ available. It fills exactly the same figures, computed the same way.
 from __future__ import annotations
 
 import os
+import threading
 
 import psutil
 
@@ -18,6 +19,8 @@ _UNLIMITED = 1 << 62
 
 
 class PsutilSource:
+    """Thread-safe; the cgroup figures are plain reads, the rest psutil."""
+
     backend = "psutil"
 
     def __init__(self, fallback_reason: str | None = None,
@@ -25,6 +28,7 @@ class PsutilSource:
         self.fallback_reason = fallback_reason
         self._cgroup_root = cgroup_root
         self._prev: tuple[float, float] | None = None
+        self._lock = threading.Lock()
 
     def snapshot(self, disk_path: str = "/", cgroup_path: str | None = None) -> Snapshot:
         try:
@@ -47,18 +51,20 @@ class PsutilSource:
     def _busy(self) -> float:
         # The same sum as the native library: guest time is already inside user/nice.
         t = psutil.cpu_times()
-        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-        idle = t.idle + getattr(t, "iowait", 0.0)
+        total = float(sum(t)) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        idle = float(t.idle) + getattr(t, "iowait", 0.0)
+        with self._lock:
+            prev, self._prev = self._prev, (total, idle)
         dt, di = total, idle
-        if self._prev is not None and total >= self._prev[0] and idle >= self._prev[1]:
-            dt, di = total - self._prev[0], idle - self._prev[1]
-        self._prev = (total, idle)
+        if prev is not None and total >= prev[0] and idle >= prev[1]:
+            dt, di = total - prev[0], idle - prev[1]
         if dt <= 0 or di > dt:
             return 0.0
         return (dt - di) / dt
 
     def close(self) -> None:
-        self._prev = None
+        with self._lock:
+            self._prev = None
 
 
 def read_cgroup(root: str, cgroup_path: str) -> CgroupStats | None:
