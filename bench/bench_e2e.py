@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from harness import Setup, task_zip, wait_for
 
 IMAGE = "localhost/hivemind-task:latest"
@@ -200,15 +199,36 @@ def throughput(n: int, repeats: int, log: Callable[[str], None]) -> Measurement:
     slots = os.cpu_count() or 2
     worker: list[float] = []
     bare: list[float] = []
+    busy: list[float] = []
+    daemon_cpu: list[float] = []
     with Setup(PODMAN, extra={"executor": {"slots": slots}}) as setup:
+        daemon = psutil.Process(setup.worker.pid)
         worker_batch_s(setup, slots, "warm")
         for r in range(repeats):
             bare.append(n / xargs_podman_s(n, slots))
+            m0, d0 = psutil.cpu_times(), _tree_cpu(daemon)
             worker.append(n / worker_batch_s(setup, n, f"tp{r}"))
-            log(f"throughput round {r}: worker {worker[-1]:.2f}/s, xargs {bare[-1]:.2f}/s")
+            m1, d1 = psutil.cpu_times(), _tree_cpu(daemon)
+            busy.append(100.0 * (1 - (m1.idle - m0.idle) / (sum(m1) - sum(m0))))
+            daemon_cpu.append(1000.0 * (d1 - d0) / n)
+            log(f"throughput round {r}: worker {worker[-1]:.2f}/s, xargs {bare[-1]:.2f}/s, "
+                f"machine {busy[-1]:.0f} % busy, daemon+podman service {daemon_cpu[-1]:.0f} ms CPU/task")
     return Measurement(f"throughput, {n} tasks, {slots} slots", "tasks/s", worker, bare,
                        f"xargs -P {slots} podman run", ">= 0.8x xargs", "ratio_min", 0.8,
-                       ["ExecuteTask driven directly (retry 10 ms after a decline), not the pool's 10 s rounds"])
+                       ["ExecuteTask driven directly (retry 10 ms after a decline), not the pool's 10 s rounds",
+                        f"during the worker's batches: machine {statistics.median(busy):.0f} % busy, daemon and its "
+                        f"podman service {statistics.median(daemon_cpu):.0f} ms CPU per task"])
+
+
+def _tree_cpu(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 # -- idle footprint ------------------------------------------------------------------------------

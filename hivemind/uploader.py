@@ -26,6 +26,14 @@ class PendingResult:
     not_before: float      # wall-clock time before which the pool must not see it
 
 
+@dataclass
+class _Entry:
+    item: PendingResult
+    next_try: float
+    backoff: Backoff
+    refusals: int = 0
+
+
 class ResultUploader:
     def __init__(self, upload: Callable[[str, Path], None], on_delivered: Callable[[str], None],
                  logger: logging.Logger, *, on_failure: Callable[[], None] = lambda: None,
@@ -36,14 +44,15 @@ class ResultUploader:
         self._on_failure = on_failure
         self._on_given_up = on_given_up
         self._max_refusals = max_refusals
-        self._refusals: dict[str, int] = {}
         self._log = logger
         self._clock = clock
-        self._queue: dict[str, PendingResult] = {}
+        self._queue: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="result-uploader", daemon=True)
+        # An unreachable pool holds back every result; a refusal only the one refused.
+        self._pool_down = Backoff(initial=0.5, maximum=30.0)
         self.failures = 0
 
     def start(self) -> None:
@@ -51,7 +60,7 @@ class ResultUploader:
 
     def submit(self, item: PendingResult) -> None:
         with self._lock:
-            self._queue[item.task_id] = item
+            self._queue[item.task_id] = _Entry(item, item.not_before, Backoff(initial=0.5, maximum=30.0))
         self._wake.set()
 
     def pending(self) -> int:
@@ -63,60 +72,57 @@ class ResultUploader:
             return list(self._queue)
 
     def _loop(self) -> None:
-        backoff = Backoff(initial=0.5, maximum=30.0)
         while not self._stop.is_set():
-            delay = self._deliver_due(backoff)
+            delay = self._deliver_due()
             self._wake.wait(delay)
             self._wake.clear()
 
-    def _deliver_due(self, backoff: Backoff) -> float:
+    def _deliver_due(self) -> float:
         now = self._clock()
         with self._lock:
-            items = sorted(self._queue.values(), key=lambda i: i.not_before)
-        if not items:
-            return 3600.0
-        next_due = min(i.not_before for i in items)
-        for item in items:
+            entries = sorted(self._queue.values(), key=lambda e: e.next_try)
+        for e in entries:
             if self._stop.is_set():
                 return 0.0
-            if item.not_before > now:
+            if e.next_try > now:
                 continue
+            task_id = e.item.task_id
+            extra = {"task_id": task_id}
             try:
-                self._upload(item.task_id, item.path)
+                self._upload(task_id, e.item.path)
             except PoolRefused as exc:
                 self.failures += 1
                 self._on_failure()
-                n = self._refusals.get(item.task_id, 0) + 1
-                self._refusals[item.task_id] = n
-                if n >= self._max_refusals:
-                    with self._lock:
-                        self._queue.pop(item.task_id, None)
-                    self._refusals.pop(item.task_id, None)
+                e.refusals += 1
+                if e.refusals >= self._max_refusals:
+                    self._drop(task_id)
                     self._log.error("the pool refused the result of %s %d times (%s); giving it up",
-                                    item.task_id, n, exc,
-                                    extra={"task_id": item.task_id, "event": "result.given_up"})
-                    self._on_given_up(item.task_id, str(exc))
+                                    task_id, e.refusals, exc, extra={**extra, "event": "result.given_up"})
+                    self._on_given_up(task_id, str(exc))
                     continue
-                delay = backoff.next_delay()
-                self._log.warning("the pool refused the result of %s (%s); retrying in %.1f s",
-                                  item.task_id, exc, delay,
-                                  extra={"task_id": item.task_id, "event": "result.refused"})
-                return delay
+                delay = e.backoff.next_delay()
+                e.next_try = self._clock() + delay
+                self._log.warning("the pool refused the result of %s (%s); retrying in %.1f s", task_id, exc,
+                                  delay, extra={**extra, "event": "result.refused"})
+                continue
             except (PoolCallFailed, OSError) as exc:
                 self.failures += 1
                 self._on_failure()
-                delay = backoff.next_delay()
-                self._log.warning("result upload of %s failed (%s); retrying in %.1f s", item.task_id, exc,
-                                  delay, extra={"task_id": item.task_id, "event": "result.upload_failed"})
+                delay = self._pool_down.next_delay()
+                self._log.warning("result upload of %s failed (%s); retrying in %.1f s", task_id, exc,
+                                  delay, extra={**extra, "event": "result.upload_failed"})
                 return delay
-            backoff.reset()
-            with self._lock:
-                self._queue.pop(item.task_id, None)
-            self._refusals.pop(item.task_id, None)
-            self._log.info("result of %s delivered", item.task_id,
-                           extra={"task_id": item.task_id, "event": "result.delivered"})
-            self._on_delivered(item.task_id)
-        return max(0.05, next_due - self._clock()) if self.pending() else 3600.0
+            self._pool_down.reset()
+            self._drop(task_id)
+            self._log.info("result of %s delivered", task_id, extra={**extra, "event": "result.delivered"})
+            self._on_delivered(task_id)
+        with self._lock:
+            next_try = min((e.next_try for e in self._queue.values()), default=None)
+        return 3600.0 if next_try is None else max(0.05, next_try - self._clock())
+
+    def _drop(self, task_id: str) -> None:
+        with self._lock:
+            self._queue.pop(task_id, None)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
