@@ -26,8 +26,8 @@ IMAGE = "localhost/hivemind-task:latest"
 PRINT_TASK = {"main.py": "print(1, flush=True)\n"}
 MIB = 1024 * 1024
 # The worker runs rootful Podman here because the bare `podman run` baseline runs as root too.
-PODMAN = {"kind": "podman", "podman": {"mode": "rootful", "image": IMAGE}}
-VENV = {"kind": "venv"}
+PODMAN: dict[str, Any] = {"kind": "podman", "podman": {"mode": "rootful", "image": IMAGE}}
+VENV: dict[str, Any] = {"kind": "venv"}
 
 
 @dataclass
@@ -137,6 +137,7 @@ def dispatch_latency(executor: str, runs: int, log: Callable[[str], None]) -> Me
     data = task_zip(PRINT_TASK)
     scratch = Path(tempfile.mkdtemp(prefix="hm-bench-bare-"))
     (scratch / "main.py").write_text(PRINT_TASK["main.py"])
+    cfg: dict[str, Any]
     if executor == "podman":
         bare_argv, bare_cwd, cfg = bare_podman_argv(), None, PODMAN
         baseline_name = "bare `podman run --rm --network none` (rootful)"

@@ -75,8 +75,9 @@ class _ChunkedUploads(logging.Handler):
         self.task_ids: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("task %r completed by chunked upload") and record.args:
-            self.task_ids.add(str(record.args[0]))
+        args = record.args
+        if record.msg.startswith("task %r completed by chunked upload") and isinstance(args, tuple) and args:
+            self.task_ids.add(str(args[0]))
 
 
 class BenchPool:
