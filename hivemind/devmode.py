@@ -79,6 +79,8 @@ def run_dev(args: argparse.Namespace) -> int:
         if daemon.status_server is not None:
             log.info("monitor: http://127.0.0.1:%d/", daemon.status_server.port)
         if args.demo:
+            # The demo prints the task's output itself; the journal copy would show every line twice.
+            logging.getLogger("hivemind.task").setLevel(logging.WARNING)
             threading.Thread(target=_demo, args=(daemon, pool.address), daemon=True).start()
         daemon.loop()
         rc = getattr(daemon, "demo_rc", 0)

@@ -15,6 +15,9 @@ import grpc
 import psutil
 import pytest
 
+from hivemind._proto import nodepool_pb2 as pb
+from hivemind._proto import nodepool_pb2_grpc as pbg
+
 from e2e import (
     WORKER_HOST,
     free_port,
@@ -27,8 +30,6 @@ from e2e import (
     wait_for,
     write_worker_config,
 )
-from hivemind._proto import nodepool_pb2 as pb
-from hivemind._proto import nodepool_pb2_grpc as pbg
 
 VENV = {"kind": "venv"}
 

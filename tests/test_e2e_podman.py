@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from e2e import make_pool, result_of, running_worker, stop_via_pool, upload, wait_for, write_worker_config
+from e2e import (
+    make_pool,
+    result_of,
+    running_worker,
+    stop_via_pool,
+    upload,
+    wait_for,
+    write_worker_config,
+)
 
 pytestmark = pytest.mark.podman
 

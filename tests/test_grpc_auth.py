@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from certs import PKI, CertPair, make_pki  # tests/ is not a package; pytest puts it on sys.path
 
 from hivemind._proto import nodepool_pb2, nodepool_pb2_grpc
 from hivemind.config import ServerAuthConfig, ServerConfig
@@ -23,6 +22,8 @@ from hivemind.server import (
     pool_channel_credentials,
     start_worker_server,
 )
+
+from certs import PKI, CertPair, make_pki  # tests/ is not a package; pytest puts it on sys.path
 
 LOG = logging.getLogger("test.grpc_auth")
 Serve = Callable[..., RunningServer]

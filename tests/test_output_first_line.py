@@ -60,6 +60,9 @@ def test_a_failed_first_send_keeps_the_line_for_the_next_round(tmp_path: Path) -
         streamer.add(out)
         out(_line("first"))
         assert tried.wait(30)
+        deadline = time.monotonic() + 30
+        while streamer.failures == 0 and time.monotonic() < deadline:   # give_back follows the raise
+            time.sleep(0.01)
         assert out.has_pending() and out.take_batch(1024) == "first\n"
     finally:
         streamer.stop()

@@ -11,15 +11,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from e2e import WORKER_PASSWORD, free_port, make_pool, upload, wait_for
 from hivemind._proto import nodepool_pb2 as pb
 from hivemind._proto import nodepool_pb2_grpc as pbg
 from hivemind.config import parse_config
 from hivemind.pool.backoff import Backoff
-from hivemind.pool.client import NodeInfo, NodeStatus, PoolClient, PoolRefused
+from hivemind.pool.client import NodeInfo, NodeStatus, PoolCallFailed, PoolClient, PoolRefused
 from hivemind.pool.session import PoolSession
 from hivemind.pool.token import token_expiry
 from hivemind.secrets import Secret
+
+from e2e import WORKER_PASSWORD, free_port, make_pool, upload, wait_for
 
 LOG = logging.getLogger("test")
 
@@ -158,3 +159,36 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert [b.next_delay() for _ in range(3)] == [0.5, 1, 2]
     b.reset()
     assert b.attempts == 0
+
+
+def test_tls_to_the_pool_with_a_pinned_ca(tmp_path: Path) -> None:
+    from certs import make_pki
+
+    from hivemind.devpool.server import DevPool
+
+    pki = make_pki(tmp_path / "pki")
+    creds = grpc.ssl_server_credentials([(pki.server.key.read_bytes(), pki.server.cert.read_bytes())])
+    p = DevPool("127.0.0.1", 0, users={"worker": WORKER_PASSWORD}, server_credentials=creds,
+                spool_dir=tmp_path / "s")
+    port = p.start()
+    try:
+        good = client_for(f"127.0.0.1:{port}", tls={"enabled": True, "ca_file": str(pki.ca),
+                                                    "server_name": "localhost"})
+        good.register(info())
+        assert pool_node_ids(p) == ["node-a"]
+        good.close()
+        rogue = client_for(f"127.0.0.1:{port}", tls={"enabled": True, "ca_file": str(pki.rogue_ca),
+                                                     "server_name": "localhost"})
+        with pytest.raises(PoolCallFailed):
+            rogue.register(info())
+        rogue.close()
+        plain = client_for(f"127.0.0.1:{port}")
+        with pytest.raises(PoolCallFailed):
+            plain.register(info())
+        plain.close()
+    finally:
+        p.stop()
+
+
+def pool_node_ids(p) -> list[str]:
+    return [n.node_id for n in p.nodes()]

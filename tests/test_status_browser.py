@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser import dump_dom, find_chromium, screenshot, with_token
-from test_status_api import TOKEN, FakeView, make_task, start_status_server
 
 from hivemind.status import StatusServer
 from hivemind.status.view import StatusDict
+
+from browser import dump_dom, find_chromium, screenshot, with_token
+from test_status_api import TOKEN, FakeView, make_task, start_status_server
 
 pytestmark = [
     pytest.mark.slow,

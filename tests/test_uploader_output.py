@@ -7,11 +7,12 @@ import threading
 import time
 from pathlib import Path
 
-from e2e import wait_for
 from hivemind.executors.base import OutputLine
 from hivemind.output import OutputStreamer, TaskOutput
 from hivemind.pool.client import PoolCallFailed, PoolRefused
 from hivemind.uploader import PendingResult, ResultUploader
+
+from e2e import wait_for
 
 LOG = logging.getLogger("test")
 
