@@ -162,9 +162,9 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
 
 
 def test_tls_to_the_pool_with_a_pinned_ca(tmp_path: Path) -> None:
-    from certs import make_pki
-
     from hivemind.devpool.server import DevPool
+
+    from certs import make_pki
 
     pki = make_pki(tmp_path / "pki")
     creds = grpc.ssl_server_credentials([(pki.server.key.read_bytes(), pki.server.cert.read_bytes())])
