@@ -8,6 +8,7 @@ reloads the config (validated first; an invalid one is refused and the old one k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -311,14 +312,22 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return
         changed = _changed_keys(self.cfg, new)
-        live = {"logging.level", "logging.target"}
-        setup_logging(new.logging.level, new.logging.target, new.node_id)
-        need_restart = sorted(k for k in changed if k not in live)
+        applied = [k for k in changed if k.split(".")[0] in LIVE_SECTIONS or k in LIVE_KEYS]
+        need_restart = sorted(set(changed) - set(applied))
+        self.apply_live(_merge_live(self.cfg, new))
         self.log.info("config reloaded from %s; applied: %s%s", self.config_path,
-                      ", ".join(sorted(set(changed) & live)) or "nothing changed",
-                      f"; need a restart: {', '.join(need_restart)}" if need_restart else "",
+                      ", ".join(sorted(applied)) or "nothing changed",
+                      f"; these need a restart: {', '.join(need_restart)}" if need_restart else "",
                       extra={"event": "config.reloaded"})
         self.notifier.ready(self.status_line())
+
+    def apply_live(self, cfg: Config) -> None:
+        """Swap in a config whose differences are all safe to apply while tasks run."""
+        self.cfg = cfg
+        self.worker.reconfigure(cfg)
+        setup_logging(cfg.logging.level, cfg.logging.target, cfg.node_id)
+        if self.session is not None:
+            self.session.set_intervals(cfg.pool.heartbeat_interval_s, cfg.pool.register_interval_s)
 
     def shutdown(self) -> None:
         policy = self.cfg.shutdown.policy
@@ -367,6 +376,27 @@ class Daemon:
                 self.signals.hang.set()
 
             signal.signal(signal.SIGUSR2, on_usr2)
+
+
+# What a reload (SIGHUP) applies at once; everything else (listeners, credentials, executor,
+# state directory, capacity) is reported as needing a restart and keeps its running value.
+LIVE_SECTIONS = frozenset({"logging", "shutdown", "archive"})
+LIVE_KEYS = frozenset({
+    "pool.heartbeat_interval_s", "pool.register_interval_s", "pool.result_min_delay_s",
+    "executor.task_timeout_s", "executor.stop_grace_s", "resources.default_memory_gb",
+})
+
+
+def _merge_live(old: Config, new: Config) -> Config:
+    """`old` with the live-applicable parts of `new`."""
+    pool = dataclasses.replace(old.pool, heartbeat_interval_s=new.pool.heartbeat_interval_s,
+                               register_interval_s=new.pool.register_interval_s,
+                               result_min_delay_s=new.pool.result_min_delay_s)
+    executor = dataclasses.replace(old.executor, task_timeout_s=new.executor.task_timeout_s,
+                                   stop_grace_s=new.executor.stop_grace_s)
+    resources = dataclasses.replace(old.resources, default_memory_gb=new.resources.default_memory_gb)
+    return dataclasses.replace(old, logging=new.logging, shutdown=new.shutdown, archive=new.archive,
+                               pool=pool, executor=executor, resources=resources)
 
 
 def _changed_keys(old: Config, new: Config) -> list[str]:

@@ -95,6 +95,11 @@ class Worker:
         self.streamer.stop()
         self.uploader.stop()
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config (only live-safe differences; see daemon.LIVE_SECTIONS)."""
+        self.cfg = cfg
+        self._rules = ArchiveRules.from_config(cfg.archive)
+
     # -- TaskAcceptor --------------------------------------------------------------------------
     def execute(self, req: ExecuteRequest) -> Decision:
         try:

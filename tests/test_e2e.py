@@ -236,3 +236,28 @@ def test_known_secrets_reach_no_log_status_error_or_result(tmp_path: Path, pool)
     assert secret not in status_bodies, "the pool password reached the status API"
     assert WORKER_PASSWORD not in refusal.message
     assert WORKER_PASSWORD not in w.log(), "the pool password reached the log"
+
+
+def test_sighup_reloads_valid_config_and_refuses_an_invalid_one(tmp_path: Path, pool) -> None:
+    import signal
+
+    import yaml
+
+    w = write_worker_config(tmp_path, pool.address, VENV)
+    with running_worker(w, pool):
+        cfg = yaml.safe_load(w.config_path.read_text())
+        cfg["executor"]["task_timeout_s"] = 123
+        cfg["executor"]["slots"] = 7
+        w.config_path.write_text(yaml.safe_dump(cfg))
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config reloaded" in w.log(), 20, "the reload")
+        line = next(x for x in w.log().splitlines() if "config reloaded" in x)
+        assert "applied: executor.task_timeout_s" in line and "need a restart: executor.slots" in line
+        w.config_path.write_text("executor: {kind: nonsense}\n")
+        w.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in w.log(), 20, "the refusal")
+        assert "executor.kind" in w.log()
+        upload(pool, {"main.py": "print('still serving')"}, "after-reload")
+        z = result_of(pool, "after-reload")
+        assert json.loads(z.read("_hivemind/execution.json"))["exit_code"] == 0

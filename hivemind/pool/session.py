@@ -58,6 +58,11 @@ class PoolSession:
     def start(self) -> None:
         self._thread.start()
 
+    def set_intervals(self, heartbeat_interval_s: float, register_interval_s: float) -> None:
+        self._interval = heartbeat_interval_s
+        self._register_interval = register_interval_s
+        self._wake.set()
+
     def poke(self) -> None:
         """Send a heartbeat now (e.g. when the node turned Busy or Idle)."""
         self._wake.set()
