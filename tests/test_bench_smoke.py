@@ -39,6 +39,7 @@ def test_report_marks_missed_targets_and_writes_json_and_png(tmp_path: Path) -> 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the venv executor drops tasks to `nobody`: needs root")
 def test_bench_run_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results"
+    before = set(Path("/var/tmp").glob("hivemind-bench-*"))  # another run's may be in use
     proc = subprocess.run([str(ROOT / "bench" / "run"), "--quick", "--out", str(out),
                            "--only", "latency-venv", "idle", "large", "metrics"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -55,4 +56,4 @@ def test_bench_run_quick_end_to_end(tmp_path: Path) -> None:
     assert (out / "results.png").stat().st_size > 0
     assert "dispatch latency, cached venv" in proc.stdout
     # Nothing left behind: no bench state directories, no worker daemons.
-    assert not list(Path("/var/tmp").glob("hivemind-bench-*"))
+    assert set(Path("/var/tmp").glob("hivemind-bench-*")) <= before
