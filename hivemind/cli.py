@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_dev = sub.add_parser("dev", help="run a worker together with a local development pool",
                            description="Start an in-process development node pool on loopback and a "
                                        "worker registered with it; with --demo, submit a sample task.")
-    p_dev.add_argument("--state-dir", default="", help="state directory (default: ./.cache/dev-state)")
+    p_dev.add_argument("--state-dir", default="",
+                       help="state directory (default: /var/lib/hivemind-worker-dev as root, else ~/.local/state/hivemind-worker-dev)")
     p_dev.add_argument("--executor", default="auto", choices=("auto", "podman", "venv"))
     p_dev.add_argument("--pool-listen", default="127.0.0.1:50051", help="dev pool address")
     p_dev.add_argument("--worker-host", default="127.0.0.2", help="loopback address the worker binds and advertises")

@@ -49,12 +49,24 @@ def dev_config(args: argparse.Namespace, state_dir: Path, password_file: Path) -
     return parse_config(base)
 
 
+def default_dev_state_dir() -> Path:
+    """Outside the checkout: as root, tasks run as other users, who must reach the workspace
+    (a checkout under /root would be out of their reach)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/hivemind-worker-dev")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "hivemind-worker-dev"
+
+
 def run_dev(args: argparse.Namespace) -> int:
     from hivemind.daemon import Daemon
     from hivemind.devpool.server import DevPool
     from hivemind.logging_setup import setup_logging
 
-    state_dir = Path(args.state_dir or ".cache/dev-state").resolve()
+    state_dir = Path(args.state_dir).resolve() if args.state_dir else default_dev_state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        state_dir.chmod(0o711)  # task users (nobody, hivemind) must traverse it
     host, _, port = args.pool_listen.rpartition(":")
     worker_password = secrets.token_urlsafe(16)
     password_file = state_dir / "pool-password"

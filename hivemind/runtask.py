@@ -35,8 +35,10 @@ def zip_directory(path: Path) -> bytes:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from hivemind.devmode import default_dev_state_dir
+
     cfg = load_config(args.config) if args.config else parse_config(
-        {"node": {"state_dir": str(Path(".cache/run-task-state").resolve())}, "logging": {"target": "stderr"}})
+        {"node": {"state_dir": str(default_dev_state_dir())}, "logging": {"target": "stderr"}})
     if args.executor:
         cfg = dataclasses.replace(cfg, executor=dataclasses.replace(cfg.executor, kind=args.executor))
     return cfg
