@@ -92,6 +92,10 @@ class Daemon:
     def build(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            # Tasks run as other users (nobody, the rootless Podman user): they must traverse the
+            # state directory to reach their workspace; listing it stays closed to them.
+            cfg.state_dir.chmod((cfg.state_dir.stat().st_mode & 0o7777) | 0o711)
         password = self._password()
         from hivemind.metrics import open_metrics
         from hivemind.metrics.cpuscore import cpu_score
