@@ -1,0 +1,160 @@
+"""Worker admission with a fake executor (the real executors have their own tests and the e2e
+tests): GPUs from a recorded nvidia-smi output go only to tasks that ask for one and only while
+one is free; slots, memory and duplicate ids are refused with reasons; resources come back."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from hivemind.config import parse_config
+from hivemind.executors.base import (
+    Enforcement,
+    ExecutorStatus,
+    ExitReason,
+    ExitResult,
+    OutputLine,
+    OutputSink,
+    TaskHandle,
+    TaskSpec,
+    Usage,
+)
+from hivemind.metrics.gpu import detect_gpus
+from hivemind.server.service import ExecuteRequest
+from hivemind.tasks.state import Lifecycle
+from hivemind.tasks.store import TaskStore
+from hivemind.worker import GIB, Capacity, Worker
+
+from e2e import wait_for
+
+DATA = Path(__file__).parent / "data"
+
+
+class FakeExecutor:
+    """Records what it was asked to run; tasks end when the test releases them."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.specs: dict[str, TaskSpec] = {}
+        self.release: dict[str, threading.Event] = {}
+        self.cleaned: list[str] = []
+
+    def probe(self) -> ExecutorStatus:
+        return ExecutorStatus("fake", True, "fake", Enforcement("process", False, False, False, False, False))
+
+    def prepare(self, spec: TaskSpec, sink: OutputSink, cancel: threading.Event) -> None:
+        pass
+
+    def start(self, spec: TaskSpec, sink: OutputSink) -> TaskHandle:
+        self.specs[spec.task_id] = spec
+        self.release[spec.task_id] = threading.Event()
+        sink(OutputLine(time.time(), "stdout", "started"))
+        return TaskHandle(1, spec.task_id, "fake", {})
+
+    def recover(self, handle: TaskHandle, sink: OutputSink) -> None:
+        raise NotImplementedError
+
+    def wait(self, task_id: str, timeout: float | None = None) -> ExitResult | None:
+        if self.release[task_id].wait(timeout):
+            now = time.time()
+            return ExitResult(0, ExitReason.EXITED, now, now)
+        return None
+
+    def stop(self, task_id: str, grace: float) -> None:
+        self.release[task_id].set()
+
+    def stats(self, task_id: str) -> Usage | None:
+        return None
+
+    def cleanup(self, task_id: str) -> None:
+        self.cleaned.append(task_id)
+
+    def orphans(self) -> list[str]:
+        return []
+
+
+def zip_bytes() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("main.py", "print(1)")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def worker(tmp_path: Path):
+    gpus = detect_gpus(runner=lambda argv: (DATA / "nvidia-smi-2gpu.csv").read_text()).gpus
+    assert [g.name for g in gpus] == ["Tesla T4", "NVIDIA A100-SXM4-40GB"]
+    cfg = parse_config({"node": {"state_dir": str(tmp_path / "state")}, "pool": {"result_min_delay_s": 0}}, {})
+    cap = Capacity(total_cpus=4, total_memory_bytes=16 * GIB, reserve_cpus=0, reserve_memory_bytes=0,
+                   slots=3, gpus=tuple(str(g.index) for g in gpus), cpu_score_per_core=500)
+    ex = FakeExecutor()
+    delivered: list[str] = []
+    store = TaskStore(tmp_path / "state" / "worker.db")
+    w = Worker(cfg, executor=ex, lifecycle=Lifecycle(cap.for_tasks()), store=store, capacity=cap,
+               logger=logging.getLogger("test"), upload_result=lambda tid, p: delivered.append(tid))
+    w.start()
+    yield w, ex, delivered
+    for ev in ex.release.values():
+        ev.set()
+    w.wait_idle(10)
+    w.close()
+    store.close()
+
+
+def req(task_id: str, *, gpu: float = 0, gpu_mem: int = 0, mem: int = 1, cpu: float = 0) -> ExecuteRequest:
+    return ExecuteRequest(task_id, zip_bytes(), cpu, gpu, mem, gpu_mem, "test")
+
+
+def test_gpus_go_only_to_tasks_that_ask_and_only_while_free(worker) -> None:
+    w, ex, _ = worker
+    assert w.execute(req("cpu-only")).accepted
+    assert w.execute(req("gpu-a", gpu=100)).accepted
+    assert w.execute(req("gpu-b", gpu_mem=8)).accepted
+    wait_for(lambda: len(ex.specs) == 3, 10, "three tasks started")
+    assert ex.specs["cpu-only"].limits.gpu_devices == ()
+    devices = {ex.specs["gpu-a"].limits.gpu_devices, ex.specs["gpu-b"].limits.gpu_devices}
+    assert devices == {("nvidia.com/gpu=0",), ("nvidia.com/gpu=1",)}
+    ex.release["cpu-only"].set()
+    wait_for(lambda: w.lifecycle.free().slots >= 1, 10, "a slot free again")
+    d = w.execute(req("gpu-c", gpu=1))
+    assert not d.accepted and "gpu" in d.message.lower()
+    ex.release["gpu-a"].set()
+    wait_for(lambda: len(w.lifecycle.free().gpus) == 1, 10, "gpu-a's GPU back")
+    assert w.execute(req("gpu-c", gpu=1)).accepted
+
+
+def test_refusals_name_the_reason_and_resources_return(worker) -> None:
+    w, ex, delivered = worker
+    d = w.execute(req("big", mem=64))
+    assert not d.accepted and "memory" in d.message
+    for i in range(3):
+        assert w.execute(req(f"t{i}")).accepted
+    d = w.execute(req("t3"))
+    assert not d.accepted and "slot" in d.message.lower()
+    assert w.is_idle() is False
+    dup = w.execute(req("t0"))
+    assert "already" in dup.message
+    for i in range(3):
+        wait_for(lambda i=i: f"t{i}" in ex.release, 10, "started")
+        ex.release[f"t{i}"].set()
+    wait_for(lambda: sorted(delivered) == ["t0", "t1", "t2"], 20, "all results delivered")
+    wait_for(lambda: all(r.state.value == "done" for r in w.lifecycle.tasks()), 10, "all done")
+    assert w.lifecycle.reserved().slots == 0 and w.lifecycle.reserved().cpus == 0
+    assert w.is_idle() is True
+    again = w.execute(req("t0"))
+    assert not again.accepted, "a finished task id never runs twice"
+
+
+def test_cpu_score_maps_to_a_quota(worker) -> None:
+    w, ex, _ = worker
+    assert w.execute(req("score", cpu=1000)).accepted
+    wait_for(lambda: "score" in ex.specs, 10, "start")
+    assert ex.specs["score"].limits.cpus == pytest.approx(2.0)
+    assert ex.specs["score"].limits.memory_bytes == GIB
