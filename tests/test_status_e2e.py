@@ -100,3 +100,29 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     all_bodies = b"".join(http("GET", f"{base}{p}")[1] for p in ("/api/v1/status", "/api/v1/tasks", "/metrics"))
     assert TOKEN.encode() not in all_bodies and b"worker-pw-e2e" not in all_bodies
     assert TOKEN not in w.log() and "worker-pw-e2e" not in w.log()
+
+
+def test_readyz_is_503_with_the_reason_while_the_pool_is_unreachable(tmp_path: Path) -> None:
+    from e2e import free_port
+
+    w = write_worker_config(tmp_path, f"127.0.0.1:{free_port()}", {"kind": "venv"})
+    w.start()
+    try:
+        base = f"http://127.0.0.1:{w.status_port}"
+        wait_for(lambda: _get_or_none(f"{base}/healthz") == 200, 60, "the status API")
+        code, body, _ = http("GET", f"{base}/readyz")
+        assert code == 503
+        doc = json.loads(body)
+        assert doc["ready"] is False and "pool" in doc["reason"]
+        st = json.loads(http("GET", f"{base}/api/v1/status")[1])
+        assert st["pool"]["state"] in ("connecting", "disconnected")
+    finally:
+        assert w.terminate() == 0, w.log()[-3000:]
+        shutil.rmtree(w.state_dir, ignore_errors=True)
+
+
+def _get_or_none(url: str) -> int | None:
+    try:
+        return http("GET", url)[0]
+    except OSError:
+        return None
