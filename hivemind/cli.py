@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hivemind import __version__
-from hivemind.config import DEFAULT_CONFIG_PATH, describe_defaults, load_config
+from hivemind.config import DEFAULT_CONFIG_PATH, check_daemon_config, describe_defaults, load_config
 from hivemind.errors import ConfigError, HivemindError
 
 EXIT_OK = 0
@@ -103,11 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.defaults:
                 sys.stdout.write(describe_defaults())
                 return EXIT_OK
-            load_config(args.config)
+            check_daemon_config(load_config(args.config))
             print(f"{args.config}: OK")
             return EXIT_OK
         if args.command == "run":
             cfg = load_config(args.config)
+            check_daemon_config(cfg)
             from hivemind.daemon import run_daemon
 
             return run_daemon(cfg, config_path=args.config)

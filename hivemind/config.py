@@ -270,21 +270,31 @@ def _cross_checks(cfg: Config, environ: Mapping[str, str], problems: list[str]) 
             problems.append(f"{key}: secret file {str(path)!r} does not exist; create it or fix the path")
         elif not os.access(path, os.R_OK):
             problems.append(f"{key}: secret file {str(path)!r} is not readable; fix its owner or mode")
-    auth = cfg.server.auth
-    if auth.mode in ("mtls", "token") and not (auth.cert_file and auth.key_file):
-        problems.append(f"server.auth.mode: {auth.mode!r} needs server.auth.cert_file and server.auth.key_file")
-    if auth.mode == "mtls" and not auth.client_ca_file:
-        problems.append("server.auth.mode: 'mtls' needs server.auth.client_ca_file (the CA of the pool's client certificate)")
-    if auth.mode == "token" and not auth.token_file:
-        problems.append("server.auth.mode: 'token' needs server.auth.token_file")
-    if auth.mode == "legacy" and not auth.legacy_allowed_peers:
-        problems.append("server.auth.legacy_allowed_peers: legacy mode needs at least one pool address to allow")
     if cfg.server.advertise_host == "127.0.0.1":
         problems.append("server.advertise_host: '127.0.0.1' is skipped by the pool; use another loopback address such as 127.0.0.2")
     if ":" not in cfg.pool.address:
         problems.append(f"pool.address: {cfg.pool.address!r} needs host:port")
     if (cfg.status.enabled and not _is_loopback(cfg.status.listen_host) and not cfg.status.token_file):
         problems.append(f"status.listen_host: {cfg.status.listen_host!r} is not loopback; set status.token_file too")
+
+
+def check_daemon_config(cfg: Config) -> None:
+    """What `run` needs beyond a well-formed file (check-config runs it too): a pool password
+    and a way to authenticate the pool's calls. Raises ConfigError listing the problems."""
+    problems: list[str] = []
+    if not cfg.pool.password_file:
+        problems.append("pool.password_file: not set; name the file (or credential) holding the pool password")
+    # The gRPC auth rules live with the server; this runs the same ones before anything starts.
+    from hivemind.server.auth import choose_mode, parse_networks
+
+    for check in (lambda: choose_mode(cfg.server.auth),
+                  lambda: parse_networks(cfg.server.auth.legacy_allowed_peers)):
+        try:
+            check()
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _is_loopback(host: str) -> bool:
@@ -361,5 +371,5 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["Config", "ConfigError", "DEFAULT_CONFIG_PATH", "describe_defaults", "load_config",
+__all__ = ["Config", "ConfigError", "DEFAULT_CONFIG_PATH", "check_daemon_config", "describe_defaults", "load_config",
            "parse_config", "to_dict"]

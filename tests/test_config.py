@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hivemind.config import describe_defaults, load_config, parse_config
+from hivemind.config import check_daemon_config, describe_defaults, load_config, parse_config
 from hivemind.errors import ConfigError
 from hivemind.secrets import Secret, read_secret
 
@@ -103,12 +103,28 @@ def test_secret_errors_never_contain_the_secret(tmp_path: Path) -> None:
 
 
 def test_cross_checks() -> None:
-    probs = problems_of({"server": {"advertise_host": "127.0.0.1", "auth": {"mode": "token"}},
+    probs = problems_of({"server": {"advertise_host": "127.0.0.1"},
                          "status": {"listen_host": "0.0.0.0"}})
     text = "\n".join(probs)
     assert "server.advertise_host: '127.0.0.1' is skipped by the pool" in text
-    assert "'token' needs server.auth.cert_file" in text
     assert "status.listen_host: '0.0.0.0' is not loopback; set status.token_file" in text
+
+
+def test_daemon_needs_a_password_and_a_way_to_authenticate_the_pool(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        check_daemon_config(parse_config({}, {}))
+    text = "\n".join(exc.value.problems)
+    assert "pool.password_file: not set" in text
+    assert "legacy_allowed_peers is empty" in text
+    with pytest.raises(ConfigError) as exc:
+        check_daemon_config(parse_config({"server": {"auth": {"mode": "token",
+                                                              "legacy_allowed_peers": ["nope"]}}}, {}))
+    text = "\n".join(exc.value.problems)
+    assert "'token' needs server.auth.cert_file" in text and "'nope' is not an IP" in text
+    pw = tmp_path / "pw"
+    pw.write_text("x")
+    check_daemon_config(parse_config({"pool": {"password_file": str(pw)},
+                                      "server": {"auth": {"legacy_allowed_peers": ["10.0.0.5"]}}}, {}))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -116,7 +132,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_check_config_exit_codes(tmp_path: Path) -> None:
-    good = write(tmp_path, "node:\n  location: lab\n")
+    (tmp_path / "pw").write_text("secret\n")
+    good = write(tmp_path, f"node:\n  location: lab\npool:\n  password_file: {tmp_path / 'pw'}\n"
+                           "server:\n  auth: {legacy_allowed_peers: [192.0.2.10]}\n")
     r = run_cli("check-config", "--config", str(good))
     assert r.returncode == 0, r.stderr
     bad = tmp_path / "bad.yaml"
@@ -127,6 +145,8 @@ def test_cli_check_config_exit_codes(tmp_path: Path) -> None:
     assert "pool.bogus: unknown key" in r.stderr
     r = run_cli("check-config", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_cli("check-config", "--config", str(write(tmp_path, "node: {location: lab}\n")))
+    assert r.returncode == 2 and "pool.password_file: not set" in r.stderr
 
 
 def test_cli_run_refuses_bad_config_without_starting(tmp_path: Path) -> None:
