@@ -115,7 +115,8 @@ class Daemon:
                             reserve_cpus=cfg.resources.reserve_cpus,
                             reserve_memory_bytes=int(cfg.resources.reserve_memory_gb * GIB),
                             slots=cfg.executor.slots or cores,
-                            gpus=tuple(str(g.index) for g in gpus), cpu_score_per_core=per_core)
+                            gpus=tuple(str(g.index) for g in gpus), cpu_score_per_core=per_core,
+                            gpu_memory_mib=tuple(g.memory_total_mib for g in gpus))
         self.cpu_score_total = int(per_core * cores)
         self.lifecycle = Lifecycle(capacity.for_tasks())
         self.store = TaskStore(cfg.state_dir / "worker.db")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivemind.archive import ArchiveRules
+from hivemind.archive import ArchiveRules, inspect_task_archive
 from hivemind.config import Config
 from hivemind.errors import ArchiveRejected, TaskNotFound
 from hivemind.executors.base import Executor, ExitReason, ExitResult, Limits, TaskHandle
@@ -45,6 +46,7 @@ class Capacity:
     slots: int
     gpus: tuple[str, ...]
     cpu_score_per_core: float
+    gpu_memory_mib: tuple[int, ...] = ()   # per entry of `gpus`; empty when unknown
 
     def for_tasks(self) -> Resources:
         return Resources(cpus=max(0.0, self.total_cpus - self.reserve_cpus),
@@ -114,8 +116,6 @@ class Worker:
         if size > self._rules.max_archive_bytes:
             return Decision(False, f"task archive of {size} bytes exceeds the cap of {self._rules.max_archive_bytes} bytes")
         try:
-            from hivemind.archive import inspect_task_archive
-
             inspect_task_archive(req.task_zip, self._rules)
         except ArchiveRejected as exc:
             self._log.info("task %s refused: %s", task_id, exc, extra={"task_id": task_id, "event": "task.refused"})
@@ -123,10 +123,13 @@ class Worker:
         request = self._request_for(req)
         if isinstance(request, str):
             return Decision(False, request)
-        gpu_count = 1 if (req.gpu_score > 0 or req.gpu_memory_gb > 0) else 0
-        if gpu_count and not self.capacity.gpus:
-            return Decision(False, "this node has no GPU")
-        adm = self.lifecycle.admit(task_id, request, gpu_count)
+        wants_gpu = req.gpu_score > 0 or req.gpu_memory_gb > 0
+        if wants_gpu:
+            gpu, why = self._pick_gpu(req.gpu_memory_gb)
+            if gpu is None:
+                return Decision(False, why)
+            request = dataclasses.replace(request, gpus=(gpu,))
+        adm = self.lifecycle.admit(task_id, request)
         if not adm.ok:
             rec = self.lifecycle.get(task_id)
             if adm.duplicate and rec is not None and rec.state in ACTIVE:
@@ -135,7 +138,13 @@ class Worker:
                            extra={"task_id": task_id, "event": "task.not_admitted"})
             return Decision(False, adm.reason)
         granted = adm.granted or request
-        self._spawn(task_id, granted, req.task_zip, accepted_at=self._clock())
+        try:
+            self._spawn(task_id, granted, req.task_zip, accepted_at=self._clock())
+        except OSError as exc:  # e.g. the state directory is full: give the reservation back
+            self.lifecycle.advance(task_id, TaskState.FAILED, message=f"could not start: {exc}"[:500])
+            self._log.error("task %s could not be started: %s", task_id, exc,
+                            extra={"task_id": task_id, "event": "task.spawn_failed"})
+            return Decision(False, f"worker could not start the task: {type(exc).__name__}")
         self._log.info("task %s accepted: %.2f CPUs, %d MiB, %d bytes archive", task_id, granted.cpus,
                        granted.memory_bytes // (1024 * 1024), size,
                        extra={"task_id": task_id, "event": "task.accepted"})
@@ -171,6 +180,17 @@ class Worker:
             return "this node keeps all its CPUs for the system (resources.reserve_cpus)"
         cpus = cpus_for_score(req.cpu_score, int(self.capacity.cpu_score_per_core), cap.cpus)
         return Resources(cpus=cpus, memory_bytes=memory, slots=1)
+
+    def _pick_gpu(self, memory_gb: int) -> tuple[str | None, str]:
+        """The free GPU with the least memory that still covers the request, or (None, why).
+        Only tasks that ask get a GPU, and only a free one (the Lifecycle re-checks at admit)."""
+        if not self.capacity.gpus:
+            return None, "this node has no GPU"
+        mem = dict(zip(self.capacity.gpus, self.capacity.gpu_memory_mib, strict=False))
+        free = [g for g in self.lifecycle.free().gpus if not mem or mem.get(g, 0) >= memory_gb * 1024]
+        if not free:
+            return None, f"no free GPU with at least {memory_gb} GiB of memory"
+        return min(free, key=lambda g: (mem.get(g, 0), g)), ""
 
     def _limits(self, granted: Resources) -> Limits:
         pc = self.cfg.executor.podman

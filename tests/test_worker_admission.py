@@ -93,7 +93,8 @@ def worker(tmp_path: Path):
     assert [g.name for g in gpus] == ["Tesla T4", "NVIDIA A100-SXM4-40GB"]
     cfg = parse_config({"node": {"state_dir": str(tmp_path / "state")}, "pool": {"result_min_delay_s": 0}}, {})
     cap = Capacity(total_cpus=4, total_memory_bytes=16 * GIB, reserve_cpus=0, reserve_memory_bytes=0,
-                   slots=3, gpus=tuple(str(g.index) for g in gpus), cpu_score_per_core=500)
+                   slots=3, gpus=tuple(str(g.index) for g in gpus), cpu_score_per_core=500,
+                   gpu_memory_mib=tuple(g.memory_total_mib for g in gpus))
     ex = FakeExecutor()
     delivered: list[str] = []
     store = TaskStore(tmp_path / "state" / "worker.db")
@@ -115,18 +116,20 @@ def req(task_id: str, *, gpu: float = 0, gpu_mem: int = 0, mem: int = 1, cpu: fl
 def test_gpus_go_only_to_tasks_that_ask_and_only_while_free(worker) -> None:
     w, ex, _ = worker
     assert w.execute(req("cpu-only")).accepted
-    assert w.execute(req("gpu-a", gpu=100)).accepted
-    assert w.execute(req("gpu-b", gpu_mem=8)).accepted
+    d = w.execute(req("too-big", gpu_mem=80))
+    assert not d.accepted and "at least 80 GiB" in d.message
+    assert w.execute(req("gpu-a", gpu_mem=20)).accepted   # only the 40 GB A100 fits
+    assert w.execute(req("gpu-b", gpu=100)).accepted      # the smallest free one: the T4
     wait_for(lambda: len(ex.specs) == 3, 10, "three tasks started")
     assert ex.specs["cpu-only"].limits.gpu_devices == ()
-    devices = {ex.specs["gpu-a"].limits.gpu_devices, ex.specs["gpu-b"].limits.gpu_devices}
-    assert devices == {("nvidia.com/gpu=0",), ("nvidia.com/gpu=1",)}
+    assert ex.specs["gpu-a"].limits.gpu_devices == ("nvidia.com/gpu=1",)
+    assert ex.specs["gpu-b"].limits.gpu_devices == ("nvidia.com/gpu=0",)
     ex.release["cpu-only"].set()
     wait_for(lambda: w.lifecycle.free().slots >= 1, 10, "a slot free again")
     d = w.execute(req("gpu-c", gpu=1))
     assert not d.accepted and "gpu" in d.message.lower()
-    ex.release["gpu-a"].set()
-    wait_for(lambda: len(w.lifecycle.free().gpus) == 1, 10, "gpu-a's GPU back")
+    ex.release["gpu-b"].set()
+    wait_for(lambda: len(w.lifecycle.free().gpus) == 1, 10, "gpu-b's GPU back")
     assert w.execute(req("gpu-c", gpu=1)).accepted
 
 
