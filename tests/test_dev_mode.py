@@ -29,5 +29,9 @@ def test_dev_demo_runs_the_sample_task(executor: str) -> None:
         assert "COMPLETED" in r.stdout
         with zipfile.ZipFile(state / "demo-result.zip") as z:
             assert z.read("result.txt").startswith(b"computed on")
+        # The generated worker password is the one file holding a secret: owner-only.
+        assert (state / "pool-password").stat().st_mode & 0o777 == 0o600
+        password = (state / "pool-password").read_text().strip()
+        assert password not in r.stdout + r.stderr
     finally:
         subprocess.run(["rm", "-rf", str(state)], check=False)
