@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import Setup, task_zip, wait_for
+from harness import Setup
+
+from hivemind.devpool.testing import task_zip, wait_for
 
 IMAGE = "localhost/hivemind-task:latest"
 PRINT_TASK = {"main.py": "print(1, flush=True)\n"}
@@ -110,7 +112,7 @@ def _latency_run(setup: Setup, task_id: str, data: bytes, timeout: float = 60) -
         raise RuntimeError(f"worker declined {task_id}: {msg}")
     # Ends early when the task ended without output (a broken executor), instead of timing out.
     wait_for(lambda: task_id in pool.first_output or pool.status(task_id) in ("COMPLETED", "FAILED"),
-             timeout, f"first output of {task_id}")
+             timeout, f"first output of {task_id}", 0.005)
     t1 = pool.first_output.get(task_id)
     if t1 is None:
         raise RuntimeError(f"{task_id} ended without output: {_record_message(setup, task_id)}")
@@ -236,7 +238,7 @@ def _tree_cpu(proc: psutil.Process) -> float:
 def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool = True) -> list[Measurement]:
     """RSS and CPU of the registered, idle daemon (default heartbeat, status API on), against a bare
     Python process that imports grpc and sleeps, sampled over the same window."""
-    from harness import free_port
+    from hivemind.devpool.testing import free_port
 
     bare = subprocess.Popen([sys.executable, "-c", "import grpc, time; time.sleep(100000)"])
     try:

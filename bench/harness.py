@@ -10,19 +10,15 @@ pool's state like UploadTask does, so the worker's output and result calls are a
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ from hivemind._proto import nodepool_pb2, nodepool_pb2_grpc
 from hivemind.devpool.dispatch import MAX_MESSAGE, execute_deadline_s
 from hivemind.devpool.server import DevPool
 from hivemind.devpool.state import Node, Task
+from hivemind.devpool.testing import free_port, wait_for
 
 _nodepool_grpc: Any = nodepool_pb2_grpc
 
@@ -41,30 +38,6 @@ WORKER_HOST = "127.0.0.2"   # the pool skips nodes that advertise exactly 127.0.
 NODE_ID = "bench-node"
 WORKER_USER = "worker"
 PARKED_DISPATCH_S = 3600.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.005) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def task_zip(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return buf.getvalue()
 
 
 class _ChunkedUploads(logging.Handler):

@@ -8,13 +8,11 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,34 +20,11 @@ from typing import Any
 import yaml
 
 from hivemind.devpool.server import DevPool
+from hivemind.devpool.testing import free_port, task_zip, wait_for
 
 WORKER_HOST = "127.0.0.2"   # the pool skips nodes that advertise exactly 127.0.0.1
 WORKER_PASSWORD = "worker-pw-e2e-7f3a9c"
 DEV_PASSWORD = "dev-pw-e2e-51b2"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def task_zip(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return buf.getvalue()
 
 
 def make_pool(spool: Path, port: int = 0) -> DevPool:
@@ -180,7 +155,7 @@ def result_of(pool: DevPool, task_id: str, timeout: float = 120) -> zipfile.ZipF
     try:
         t = wait_for(lambda: (x := pool.task(task_id)) is not None and x.status == "COMPLETED" and x,
                      timeout, f"task {task_id} to complete")
-    except AssertionError:
+    except TimeoutError:
         t = pool.task(task_id)
         raise AssertionError(f"task {task_id}: {t.status if t else 'unknown'}: {t.message if t else ''}") from None
     assert t.result_path is not None
