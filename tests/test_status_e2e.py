@@ -70,10 +70,17 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     assert http("GET", f"{base}/api/v1/drain")[0] == 405
     assert http("POST", f"{base}/api/v1/drain")[0] == 401
     assert http("POST", f"{base}/api/v1/drain", token="wrong")[0] == 401
-    code, body, _ = http("GET", f"{base}/metrics")
-    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-    running = [s for s in families["hivemind_tasks"].samples if s.labels.get("state") == "running"]
-    assert running and running[0].value == 1
+    def scrape() -> dict:
+        code, body, _ = http("GET", f"{base}/metrics")
+        assert code == 200
+        return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+    def running_gauge() -> float:
+        return sum(s.value for s in scrape()["hivemind_tasks"].samples if s.labels.get("state") == "running")
+
+    # Listeners update the gauge right after the transition the API already shows.
+    wait_for(lambda: running_gauge() == 1, 10, "the running gauge")
+    families = scrape()
     assert "hivemind_task_start_latency_seconds" in families
     spec = json.loads(http("GET", f"{base}/api/v1/openapi.json")[1])
     assert "/api/v1/tasks/{task_id}" in spec["paths"]
