@@ -4,10 +4,12 @@ labelled is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
 from e2e import (
@@ -29,6 +31,24 @@ def labelled_containers(node: str = "e2e-node", user: str | None = None) -> list
         cmd = ["runuser", "-u", user, "--", *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
     return [line for line in out.stdout.splitlines() if line]
+
+
+def podman_services() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [])[:3] == ["podman", "system", "service"]}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_podman_service():
+    """A worker killed with -9 leaves the API service it started behind (its successor reuses
+    it); end the ones this test caused, never one that ran before."""
+    before = podman_services()
+    yield
+    for pid in podman_services() - before:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(pid)
+            proc.terminate()
+            proc.wait(10)
 
 
 @pytest.fixture()
