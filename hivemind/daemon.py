@@ -16,9 +16,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import psutil
 
 from hivemind import __version__
 from hivemind.config import Config, load_config
@@ -49,20 +50,19 @@ class Signals:
 
 
 def advertised_host(cfg: Config) -> str:
-    """The address the pool dials back: configured, else the primary interface's address.
-    Never 127.0.0.1 (the pool skips it)."""
+    """The address the pool dials back: configured, else the bound address, else the first IPv4
+    address of an interface that is up. Never 127.0.0.1 (the pool skips it)."""
     if cfg.server.advertise_host:
         return cfg.server.advertise_host
     if cfg.server.listen_host not in ("0.0.0.0", "::", "", "127.0.0.1"):
         return cfg.server.listen_host
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the routing table
-            addr = str(s.getsockname()[0])
-            if addr != "127.0.0.1":
-                return addr
-    except OSError:
-        pass
+    stats = psutil.net_if_stats()
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if name == "lo" or not (stats.get(name) and stats[name].isup):
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return str(a.address)
     return socket.gethostname()
 
 
@@ -442,4 +442,4 @@ def run_daemon(cfg: Config, *, config_path: str | None = None) -> int:
     return 0
 
 
-__all__ = ["Daemon", "advertised_host", "run_daemon", "Path"]
+__all__ = ["Daemon", "advertised_host", "run_daemon"]

@@ -24,7 +24,7 @@ from hivemind.status.view import (
     WarningInfo,
     security_info,
 )
-from hivemind.tasks.state import TaskRecord, TaskState
+from hivemind.tasks.state import TaskRecord
 from hivemind.worker import Worker
 
 MAX_WARNINGS = 50
@@ -181,4 +181,4 @@ def _read_tail(lines: object) -> list[str]:
     return [str(x) for x in lines] if isinstance(lines, list) else []
 
 
-__all__ = ["MachineSample", "ViewState", "WarningLog", "WorkerView", "TaskState"]
+__all__ = ["MachineSample", "ViewState", "WarningLog", "WorkerView"]

@@ -163,3 +163,12 @@ def test_cli_version_and_help() -> None:
         assert r.returncode == 0 and "usage:" in r.stdout, cmd
     r = run_cli("frobnicate")
     assert r.returncode == 2
+
+
+def test_advertised_host_is_never_127_0_0_1() -> None:
+    from hivemind.daemon import advertised_host
+
+    assert advertised_host(parse_config({"server": {"advertise_host": "10.1.2.3"}}, {})) == "10.1.2.3"
+    assert advertised_host(parse_config({"server": {"listen_host": "127.0.0.2"}}, {})) == "127.0.0.2"
+    assert advertised_host(parse_config({}, {})) != "127.0.0.1"
+    assert advertised_host(parse_config({"server": {"listen_host": "127.0.0.1"}}, {})) != "127.0.0.1"
