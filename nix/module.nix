@@ -120,6 +120,15 @@ in
             default = "";
             description = "Host the pool dials back; empty means the primary address.";
           };
+          server.auth.legacy_allowed_peers = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "203.0.113.7" ];
+            description = ''
+              IP addresses or networks allowed to call the worker without credentials (what the
+              existing pool sends). Leave empty when tokenFile or the tls.* files are set.
+            '';
+          };
           server.port = mkOption {
             type = types.port;
             default = 50052;
@@ -188,10 +197,22 @@ in
   };
 
   config = mkIf cfg.enable {
-    assertions = [{
-      assertion = cfg.passwordFile != null;
-      message = "services.hivemind-worker.passwordFile must be set: the worker logs in to the pool with it.";
-    }];
+    assertions = [
+      {
+        assertion = cfg.passwordFile != null;
+        message = "services.hivemind-worker.passwordFile must be set: the worker logs in to the pool with it.";
+      }
+      {
+        # The same rule check-config applies: never listen unauthenticated to everyone.
+        assertion = cfg.tokenFile != null
+          || (cfg.tls.certFile != null && cfg.tls.keyFile != null && cfg.tls.clientCaFile != null)
+          || cfg.settings.server.auth.legacy_allowed_peers != [ ];
+        message = ''
+          services.hivemind-worker: say who may send tasks: tokenFile (with tls.certFile/keyFile),
+          tls.clientCaFile (mtls), or settings.server.auth.legacy_allowed_peers for the existing pool.
+        '';
+      }
+    ];
 
     services.hivemind-worker.settings = {
       logging.target = mkDefault "journal";
