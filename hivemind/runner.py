@@ -51,6 +51,7 @@ class RunnerResult:
     result_zip: Path
     truncated: bool
     record: dict[str, Any]
+    output_tail: list[str] = field(default_factory=list)   # for the status API after the run
 
 
 @dataclass
@@ -229,7 +230,8 @@ class TaskRunner:
         shutil.rmtree(self._paths.workspace, ignore_errors=True)
         self._log.info("task %s ended: %s (exit code %s)", self.task_id, result.reason.value,
                        result.exit_code, extra={**self._extra, "event": "task.ended"})
-        self._finished_cb(RunnerResult(result, self._paths.result_zip, truncated, record))
+        self._finished_cb(RunnerResult(result, self._paths.result_zip, truncated, record,
+                                       self.output.tail(50)))
 
     def execution_record(self, result: ExitResult) -> dict[str, Any]:
         ok = result.reason == ExitReason.EXITED and result.exit_code == 0

@@ -140,7 +140,7 @@ class WorkerView:
                 pk = done.record.get("peak_memory_bytes")
                 usage = {"cpu_cores": 0.0, "memory_bytes": 0, "peak_memory_bytes": pk}
                 if tail:
-                    lines = _read_tail(done.record.get("output_tail", []))
+                    lines = list(done.output_tail)
         return TaskDict(
             task_id=rec.task_id, state=rec.state.value, created_at=rec.accepted_at,
             started_at=rec.started_at, finished_at=rec.finished_at,
@@ -175,10 +175,6 @@ class WorkerView:
             return False
         self._worker.stop(task_id, "operator")
         return True
-
-
-def _read_tail(lines: object) -> list[str]:
-    return [str(x) for x in lines] if isinstance(lines, list) else []
 
 
 __all__ = ["MachineSample", "ViewState", "WarningLog", "WorkerView"]

@@ -100,6 +100,9 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     assert code == 202
     wait_for(lambda: json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1])["state"] in
              ("uploading", "stopped"), 30, "the task to stop")
+    ended = wait_for(lambda: (t := json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1]))
+                     and t["state"] == "stopped" and t, 30, "the stopped result delivered")
+    assert ended["exit_reason"] == "stopped" and any("tick" in line for line in ended["output_tail"])
     assert http("POST", f"{base}/api/v1/drain", token=TOKEN)[0] == 202
     st = json.loads(http("GET", f"{base}/api/v1/status")[1])
     assert st["draining"] is True
