@@ -38,7 +38,7 @@ from hivemind.tasks.store import TaskStore
 from hivemind.worker import GIB, Capacity, Worker
 from hivemind.worker_view import ViewState, WarningLog, WorkerView
 
-LOOP_TICK_S = 0.5
+LOOP_TICK_S = 1.0  # status line, metrics and signal flags; SIGTERM wakes it at once
 EXIT_NO_EXECUTOR = 3
 
 
