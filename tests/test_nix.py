@@ -8,11 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from unitfile import parse_unit
 
 REPO = Path(__file__).resolve().parents[1]
 NIX_FILES = sorted({*REPO.glob("*.nix"), *REPO.glob("nix/*.nix"), REPO / "native/default.nix",
@@ -29,21 +30,6 @@ def nix_eval(expr: str) -> object:
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
-    sections: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        sections[section][key].append(value)
-    return sections
 
 
 @pytest.mark.parametrize("path", NIX_FILES, ids=lambda p: str(p.relative_to(REPO)))

@@ -8,11 +8,12 @@ import json
 import re
 import shutil
 import subprocess
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from unitfile import parse_unit
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "units"
@@ -26,21 +27,6 @@ SECCOMP_BASED = ("SystemCallFilter", "SystemCallArchitectures", "RestrictNamespa
                  "RestrictAddressFamilies", "PrivateDevices", "ProtectKernelModules", "ProtectKernelLogs",
                  "ProtectClock", "ProtectHostname", "RestrictSUIDSGID", "RestrictRealtime",
                  "LockPersonality", "MemoryDenyWriteExecute")
-
-
-def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
-    sections: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        sections[section][key].append(value)
-    return sections
 
 
 @pytest.fixture(autouse=True, scope="module")
