@@ -23,6 +23,7 @@ from hivemind.config import PoolConfig
 from hivemind.errors import HivemindError
 from hivemind.pool.token import token_expiry
 from hivemind.secrets import Secret
+from hivemind.server.tls import pool_channel_credentials
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -69,10 +70,9 @@ def make_channel(cfg: PoolConfig, max_message_bytes: int) -> grpc.Channel:
     ]
     if not cfg.tls.enabled:
         return grpc.insecure_channel(cfg.address, options=options)
-    root = Path(cfg.tls.ca_file).read_bytes() if cfg.tls.ca_file else None
     if cfg.tls.server_name:
         options.append(("grpc.ssl_target_name_override", cfg.tls.server_name))
-    return grpc.secure_channel(cfg.address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+    return grpc.secure_channel(cfg.address, pool_channel_credentials(cfg.tls.ca_file), options=options)
 
 
 class PoolClient:
