@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from hivemind.config import PodmanConfig
@@ -181,36 +180,31 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
     )
 
 
-HOST_CA_MOUNT = "/etc/ssl/certs/hivemind-host-ca.crt"
+WHEELS_MOUNT = "/opt/hivemind/wheels"
 
 
 def build_prepare_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *, rootless: bool,
-                       build_dir: str, ca_bundle: str | None = None) -> ContainerSpec:
-    """The pip container: network on (rootless: host network, since slirp4netns needs
-    /dev/net/tun which is 0600 here), installs requirements.txt into `build_dir` mounted rw.
-    `ca_bundle`: the host's CA file, so pip trusts what the host trusts (TLS-inspecting proxies)."""
-    if spec.requirements is None:
-        raise ValueError("task has no requirements.txt")
+                       build_dir: str, wheels_dir: str) -> ContainerSpec:
+    """The offline install container: no network, nothing of the workspace; pip installs the
+    wheels the worker fetched (`wheels_dir`, read-only, with the validated requirements.txt)
+    into `build_dir`, mounted rw."""
     uid, gid = parse_user(cfg.user)
-    req_in_ws = PurePosixPath(WORKSPACE) / spec.requirements.relative_to(spec.workspace).as_posix()
-    command = ("python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-               "--no-warn-script-location", "--progress-bar", "off", "--target", PYCACHE_MOUNT,
-               "-r", str(req_in_ws))
+    req = f"{WHEELS_MOUNT}/requirements.txt"
+    command = ("python3", "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
+               "--progress-bar", "off", "--isolated", "--no-index", "--only-binary=:all:",
+               "--no-cache-dir", "--no-warn-script-location", "--find-links", WHEELS_MOUNT,
+               "--target", PYCACHE_MOUNT, "-r", req)
     base = build_container_spec(spec, cfg, node_id, rootless=rootless)
     labels = dict(base.labels)
     labels[LABEL_ROLE] = "prepare"
-    mounts = [Mount("bind", WORKSPACE, str(spec.workspace), read_only=True),
-              Mount("tmpfs", TMP, size_bytes=1024 * 1024 * 1024, mode="1777"),
-              Mount("bind", PYCACHE_MOUNT, build_dir)]
-    env = _common_env({})
-    if ca_bundle:
-        mounts.append(Mount("bind", HOST_CA_MOUNT, ca_bundle, read_only=True))
-        env["PIP_CERT"] = HOST_CA_MOUNT
+    mounts = [Mount("tmpfs", TMP, size_bytes=1024 * 1024 * 1024, mode="1777"),
+              Mount("bind", PYCACHE_MOUNT, build_dir),
+              Mount("bind", WHEELS_MOUNT, wheels_dir, read_only=True)]
     return ContainerSpec(
         name=container_name(node_id, spec.task_id, "prepare"),
         image=cfg.image, command=command, user=f"{uid}:{gid}", workdir=TMP,
-        env=env, labels=labels, mounts=tuple(mounts),
-        network_mode="host" if rootless else "bridge",
+        env=_common_env({}), labels=labels, mounts=tuple(mounts),
+        network_mode="none",
         read_only=True, cap_drop=("ALL",), no_new_privileges=True,
         pids_limit=base.pids_limit, memory_bytes=None, memswap_bytes=None,
         cpu_quota_us=None, cpu_period_us=None, nofile=cfg.nofile, nproc=cfg.nproc,
