@@ -23,6 +23,7 @@ LABEL_MANAGED = "hivemind.managed"
 LABEL_NODE = "hivemind.node_id"
 LABEL_TASK = "hivemind.task_id"
 LABEL_ROLE = "hivemind.role"          # "task" or "prepare"
+ROOTFUL_USERNS = "auto"
 
 
 def container_name(node_id: str, task_id: str, role: str = "task") -> str:
@@ -48,6 +49,8 @@ class Mount:
     read_only: bool = False
     size_bytes: int | None = None      # tmpfs only
     mode: str | None = None            # tmpfs only, octal string
+    chown: bool = False                # bind only: Podman chowns the source to the container's
+                                       # user as mapped on the host (the `U` option)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,10 @@ class ContainerSpec:
     nofile: int
     nproc: int
     devices: tuple[str, ...] = ()
-    userns_mode: str | None = None     # rootless: keep-id:uid=..,gid=.. so the workspace stays ours
+    # rootless: keep-id:uid=..,gid=.. so the workspace stays the service user's; rootful: auto,
+    # a slice of the `containers` subordinate range per container, so the task's uid is no
+    # host account's (uid 1000 is a person on most machines).
+    userns_mode: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def create_kwargs(self) -> dict[str, Any]:
@@ -88,6 +94,8 @@ class ContainerSpec:
             else:
                 d = {"type": "bind", "target": m.target, "source": m.source,
                      "read_only": m.read_only}
+                if m.chown:
+                    d["chown"] = True    # podman-py turns it into the `U` option
             mounts.append(d)
         kw: dict[str, Any] = {
             "name": self.name,
@@ -127,6 +135,10 @@ class ContainerSpec:
             # podman-py passes a plain string through whole, which the service rejects.
             mode, _, value = self.userns_mode.partition(":")
             kw["userns_mode"] = {"nsmode": mode, "value": value} if value else {"nsmode": mode}
+            if mode == "auto":
+                # The service does not derive the mapping from the mode (the CLI does): without
+                # AutoUserNs the container silently keeps the host's uids.
+                kw["idmappings"] = {"AutoUserNs": True}
         kw.update(self.extra)
         return kw
 
@@ -143,7 +155,7 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
     uid, gid = parse_user(cfg.user)
     lim = spec.limits
     env = _common_env(spec.env)
-    mounts = [Mount("bind", WORKSPACE, str(spec.workspace)),
+    mounts = [Mount("bind", WORKSPACE, str(spec.workspace), chown=not rootless),
               Mount("tmpfs", TMP, size_bytes=min(lim.tmpfs_bytes, cfg.tmpfs_mb * 1024 * 1024),
                     mode="1777")]
     if pydeps_dir is not None:
@@ -176,7 +188,7 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
         nofile=cfg.nofile,
         nproc=cfg.nproc,
         devices=tuple(lim.gpu_devices),
-        userns_mode=f"keep-id:uid={uid},gid={gid}" if rootless else None,
+        userns_mode=f"keep-id:uid={uid},gid={gid}" if rootless else ROOTFUL_USERNS,
     )
 
 
@@ -198,7 +210,7 @@ def build_prepare_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *, rootl
     labels = dict(base.labels)
     labels[LABEL_ROLE] = "prepare"
     mounts = [Mount("tmpfs", TMP, size_bytes=1024 * 1024 * 1024, mode="1777"),
-              Mount("bind", PYCACHE_MOUNT, build_dir),
+              Mount("bind", PYCACHE_MOUNT, build_dir, chown=not rootless),
               Mount("bind", WHEELS_MOUNT, wheels_dir, read_only=True)]
     return ContainerSpec(
         name=container_name(node_id, spec.task_id, "prepare"),

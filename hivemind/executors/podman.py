@@ -176,9 +176,10 @@ class PodmanExecutor:
             self._service.close()
 
     def _workspace_owner(self) -> tuple[int, int] | None:
-        """Host uid:gid the workspace must belong to so the container's user can write it."""
+        """Host uid:gid the workspace must belong to so the container's user can write it.
+        Rootful: None, Podman chowns it to the task's mapped uid (userns=auto, `U` mount)."""
         if not self.rootless:
-            return self._uid, self._gid
+            return None
         user = self._service.service_user()
         # keep-id maps the service user to cfg.user inside, so its own files are writable.
         if user is not None and os.geteuid() == 0 and user.uid != 0:
@@ -186,6 +187,9 @@ class PodmanExecutor:
         return None
 
     def _chown_tree(self, root: Path) -> None:
+        # Only the task's user (and root) may enter its workspace.
+        with contextlib.suppress(OSError):
+            os.chmod(root, 0o700)
         owner = self._workspace_owner()
         if owner is None or os.geteuid() != 0:
             return
