@@ -67,7 +67,7 @@ from hivemind.executors.podman_service import PodmanService
 from hivemind.executors.proc import TaskUser, lookup_user, may_access
 from hivemind.executors.requirements import Requirements, parse_requirements
 from hivemind.executors.venv_cache import PrepareFailed as _PrepareFailed
-from hivemind.executors.venv_cache import run_step
+from hivemind.executors.venv_cache import fetch_wheels
 from hivemind.executors.wheel_fetch import (
     TAGS_PROBE,
     TargetTags,
@@ -304,9 +304,9 @@ class PodmanExecutor:
         sink(OutputLine(self._clock(), "prepare",
                         "[hivemind] fetching wheels for requirements.txt (no sdists: nothing is built)"))
         argv = download_argv([sys.executable, "-m", "pip"], req_file, wheels, self._req_cfg, tags)
-        run_step(argv, cwd=wheels, env=fetch_env(self._req_cfg, wheels), user=user, isolate=False,
-                 sink=sink, cancel=cancel, deadline=deadline, what="pip download",
-                 clock=time.monotonic, wall=self._clock, log=self._log)
+        fetch_wheels(argv, sys.executable, cfg=self._req_cfg, cwd=wheels,
+                     env=fetch_env(self._req_cfg, wheels), user=user, sink=sink, cancel=cancel,
+                     deadline=deadline, clock=time.monotonic, wall=self._clock, log=self._log)
 
     def _image_tags(self, sink: OutputSink, cancel: threading.Event) -> TargetTags:
         """The wheel tags the image's python accepts, asked once per image (no network)."""

@@ -36,6 +36,7 @@ from pathlib import Path
 from hivemind.config import RequirementsConfig
 from hivemind.errors import HivemindError
 from hivemind.executors.base import OutputLine, OutputSink, PrepareCancelled
+from hivemind.executors.fetch_proxy import FetchProxy, sandboxed_fetch_argv
 from hivemind.executors.proc import (
     LineSplitter,
     TaskUser,
@@ -178,8 +179,10 @@ class VenvCache:
             if content:
                 pip = [str(venv / "bin" / "python"), "-m", "pip"]
                 self._say(sink, "fetching wheels for requirements.txt (no sdists: nothing is built)")
-                self._run(download_argv(pip, req, wheels, self._req_cfg), build, home, sink,
-                          cancel, deadline, "pip download", env=fetch_env(self._req_cfg, home))
+                fetch_wheels(download_argv(pip, req, wheels, self._req_cfg), pip[0],
+                             cfg=self._req_cfg, cwd=build, env=fetch_env(self._req_cfg, home),
+                             user=self._build_user, sink=sink, cancel=cancel, deadline=deadline,
+                             clock=self._clock, wall=self._wall, log=self._log)
                 self._say(sink, "installing the wheels offline")
                 self._run(install_argv(pip, req, str(wheels)), build, home, sink, cancel,
                           deadline, "pip install", isolate=True)
@@ -205,6 +208,36 @@ class VenvCache:
     def _say(self, sink: OutputSink, text: str) -> None:
         with contextlib.suppress(Exception):
             sink(OutputLine(ts=self._wall(), stream="prepare", text=f"[hivemind] {text}"))
+
+
+def fetch_wheels(pip_argv: list[str], python: str, *, cfg: RequirementsConfig, cwd: Path,
+                 env: dict[str, str], user: TaskUser | None, sink: OutputSink,
+                 cancel: threading.Event, deadline: float, clock: Callable[[], float],
+                 wall: Callable[[], float], log: logging.Logger) -> None:
+    """The fetch step: `pip_argv` (pip download) in an empty network namespace whose only way
+    out is the worker's filtering proxy (fetch_proxy.py), as `user`."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="hm-fetch-"))
+    proxy = FetchProxy.for_config(sock_dir / "s", cfg.index_url, cfg.proxy, log)
+    try:
+        drop: list[str] = []
+        if user is not None:
+            os.chown(sock_dir, user.uid, user.gid)
+            proxy.chown(user.uid, user.gid)
+            if os.geteuid() == 0:
+                drop = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
+                        "--clear-groups", "--no-new-privs", "--bounding-set=-all", "--"]
+        argv = sandboxed_fetch_argv(python, proxy.path, pip_argv, drop)
+        try:
+            run_step(argv, cwd=cwd, env=env, user=None, isolate=False, sink=sink, cancel=cancel,
+                     deadline=deadline, what="pip download", clock=clock, wall=wall, log=log)
+        except PrepareFailed as exc:
+            if proxy.refused:
+                raise PrepareFailed(f"{exc}; the fetch step may reach only the package index, "
+                                    f"refused: {'; '.join(proxy.refused[:5])}") from None
+            raise
+    finally:
+        proxy.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def run_step(argv: list[str], *, cwd: Path, env: dict[str, str], user: TaskUser | None,

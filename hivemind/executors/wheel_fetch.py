@@ -75,16 +75,17 @@ def index_args(cfg: RequirementsConfig, ca_bundle: str | None = HOST_CA_BUNDLE) 
         args += ["--isolated", "--index-url", cfg.index_url]
         if ca_bundle and os.path.isfile(ca_bundle):
             args += ["--cert", ca_bundle]
-    if cfg.proxy:
-        args += ["--proxy", cfg.proxy]
     return args
 
 
 def download_argv(pip: list[str], requirements_file: Path, dest: Path, cfg: RequirementsConfig,
-                  target: TargetTags | None = None) -> list[str]:
-    """`pip download` of wheels only: pip refuses any sdist, so no build backend ever runs."""
+                  target: TargetTags | None = None, proxy: str = "{proxy}") -> list[str]:
+    """`pip download` of wheels only: pip refuses any sdist, so no build backend ever runs.
+    `proxy`: where pip sends every request; by default the placeholder the fetch relay fills
+    in (its way to the worker's filtering proxy, which forwards to `cfg.proxy` if set)."""
     return [*pip, "download", *_COMMON, "--only-binary=:all:", "--dest", str(dest),
-            *index_args(cfg), *(target.pip_args() if target else []), "-r", str(requirements_file)]
+            *index_args(cfg), "--proxy", proxy, *(target.pip_args() if target else []),
+            "-r", str(requirements_file)]
 
 
 def install_argv(pip: list[str], requirements_file: Path, wheels: str,
