@@ -40,8 +40,10 @@ class Lines:
             return [x.text for x in self.items if stream is None or x.stream == stream]
 
     def wait_for(self, text: str, timeout: float = 60) -> bool:
+        """`text` in a line the task printed (prepare lines don't count)."""
         with self.cv:
-            return self.cv.wait_for(lambda: any(text in x.text for x in self.items), timeout)
+            return self.cv.wait_for(lambda: any(text in x.text for x in self.items
+                                                if x.stream != "prepare"), timeout)
 
 
 def open_dir(prefix: str) -> Path:
@@ -76,9 +78,13 @@ def make_executor(kind: str, base: Path, index_url: str = "") -> Iterator[Execut
     if kind == "venv":
         from hivemind.executors.venv import VenvExecutor
 
-        ex: Executor = VenvExecutor(VenvConfig(cache_dir=str(base / "venvs")), base / "state",
-                                    LOG, node, requirements=req, stop_grace_s=1.0)
-        yield ex
+        vex = VenvExecutor(VenvConfig(cache_dir=str(base / "venvs")), base / "state",
+                           LOG, node, requirements=req, stop_grace_s=1.0)
+        try:
+            yield vex
+        finally:                       # a failed test leaves no task running
+            for task_id in list(vex._tasks):
+                vex.cleanup(task_id)
         return
     from hivemind.executors.podman import PodmanExecutor
 
