@@ -211,7 +211,7 @@ class VenvExecutor:
             self.cache.interpreter_id()
         notes = ["weaker isolation: venv fallback (processes on the host, no container)",
                  "memory: RLIMIT_AS per process (virtual memory), no cgroup limit",
-                 "pids: RLIMIT_NPROC counts every process of the task user",
+                 "pids: RLIMIT_NPROC counts every process of the task's uid",
                  "cpu: no quota (RLIMIT_CPU only as a timeout backstop)",
                  "readonly root: no, the task sees the host filesystem as its user"]
         if self._user is None:

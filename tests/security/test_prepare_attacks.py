@@ -3,6 +3,7 @@ the index trying to reach the worker's ports, other loopback services, DNS or th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Targets
@@ -90,10 +92,28 @@ REQUIREMENT_ATTACKS = {
 }
 
 
+@pytest.fixture(scope="module")
+def executors() -> Iterator[dict[str, object]]:
+    """One executor per kind for the many requirement-file attacks (each is refused before the
+    executor does anything, so they can share it)."""
+    made: dict[str, object] = {}
+    stack = contextlib.ExitStack()
+    base = open_dir("hm-sec-prep-shared-")
+
+    def get(kind: str) -> object:
+        if kind not in made:
+            made[kind] = stack.enter_context(make_executor(kind, base / kind))
+        return made[kind]
+
+    with stack:
+        yield {"get": get}
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.mark.parametrize("kind", EXECUTORS)
 @pytest.mark.parametrize("attack", sorted(REQUIREMENT_ATTACKS))
 def test_requirement_file_options_and_paths(kind: str, attack: str, base: Path,
-                                             targets: Targets) -> None:
+                                             targets: Targets, executors: dict[str, Any]) -> None:
     """requirements.txt options, local paths and URLs that would run in-archive code or point pip anywhere"""
     _assert_probe_works_outside(targets)
     probe_id = uuid.uuid4().hex[:8]
@@ -104,10 +124,10 @@ def test_requirement_file_options_and_paths(kind: str, attack: str, base: Path,
         other=t["other loopback port"].port)
     spec = _spec(base, files, "")
     spec.requirements.write_text(text.replace("{ws}", str(spec.workspace)))  # type: ignore[union-attr]
-    with make_executor(kind, base) as ex:
-        lines = Lines()
-        with pytest.raises(RequirementsRefused) as err:
-            ex.prepare(spec, lines, threading.Event())
+    ex = executors["get"](kind)
+    lines = Lines()
+    with pytest.raises(RequirementsRefused) as err:
+        ex.prepare(spec, lines, threading.Event())
     assert "requirements.txt line 1" in str(err.value)
     assert targets.reached() == [] and not _probe_ran(probe_id)
 
@@ -184,7 +204,7 @@ def test_fetch_step_has_no_network_of_its_own(targets: Targets) -> None:
 
 
 def test_index_and_proxy_come_from_config_only() -> None:
-    """a task choosing the package index (it can't: only executor.requirements.* chooses)"""
+    """a task naming its own package index or proxy (only executor.requirements.* can)"""
     from hivemind.executors.wheel_fetch import download_argv
 
     cfg = RequirementsConfig(index_url="https://pypi.example/simple", proxy="http://proxy.example:3128")
