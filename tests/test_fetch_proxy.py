@@ -107,3 +107,4 @@ def test_real_proxy_forwards_the_configured_index_and_refuses_other_loopback_por
         proxy.close()
         other.close()
     assert not (d / "s").exists()
+    d.rmdir()

@@ -217,7 +217,11 @@ class PodmanExecutor:
         except ExecutorUnavailable as exc:
             return ExecutorStatus(self.name, False, str(exc))
         except (PodmanError, OSError) as exc:
-            return ExecutorStatus(self.name, False, f"podman service error: {exc}")
+            hint = ""
+            if not self.rootless and ("available IDs" in str(exc) or "subuid" in str(exc)):
+                hint = ("; rootful tasks run with userns=auto: add a `containers` range to "
+                        "/etc/subuid and /etc/subgid (scripts/setup-podman does)")
+            return ExecutorStatus(self.name, False, f"podman service error: {exc}{hint}")
 
     def _measure_enforcement(self, api: PodmanAdapter) -> Enforcement:
         """Create (never start) a container with every limit, and read back what was applied."""
