@@ -4,9 +4,12 @@ real unix socket to real loopback listeners."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +111,51 @@ def test_real_proxy_forwards_the_configured_index_and_refuses_other_loopback_por
         other.close()
     assert not (d / "s").exists()
     d.rmdir()
+
+
+def test_without_a_namespace_pip_goes_through_the_proxy_only(monkeypatch: pytest.MonkeyPatch,
+                                                             listener: tuple[int, list[bytes]]) -> None:
+    """Where no network namespace can be made (a non-root worker under RestrictNamespaces=),
+    pip runs on the host network but every request goes through the filtering proxy: the index
+    works, a dependency URL on another loopback port is refused and never reached."""
+    import sys
+
+    from hivemind.config import RequirementsConfig
+    from hivemind.executors import fetch_proxy
+    from hivemind.executors.venv_cache import PrepareFailed, fetch_wheels
+    from hivemind.executors.wheel_fetch import download_argv, fetch_env
+
+    from pkgindex import make_wheel, serve_index
+
+    monkeypatch.setitem(fetch_proxy._NETNS, os.geteuid() == 0, False)
+    port, got = listener
+    d = Path(tempfile.mkdtemp(prefix="hm-fp-"))
+    try:
+        (d / "index").mkdir()
+        (d / "out").mkdir()
+        make_wheel(d / "index", "hmok", "1.0", {"hmok.py": ""})
+        make_wheel(d / "index", "hmbad", "1.0", {"hmbad.py": ""},
+                   requires=(f"hmx @ http://127.0.0.1:{port}/hmx-1.0-py3-none-any.whl",))
+        lines: list[str] = []
+        with serve_index(d / "index") as index:
+            cfg = RequirementsConfig(index_url=index.url)
+            for name, ok in (("hmok", True), ("hmbad", False)):
+                req = d / f"{name}.txt"
+                req.write_text(f"{name}==1.0\n")
+                argv = download_argv([sys.executable, "-m", "pip"], req, d / "out", cfg)
+
+                def run(argv: list[str] = argv) -> None:
+                    fetch_wheels(argv, sys.executable, cfg=cfg, cwd=d, env=fetch_env(cfg, d),
+                                 user=None, sink=lambda ln: lines.append(ln.text),
+                                 cancel=threading.Event(), deadline=time.monotonic() + 120,
+                                 clock=time.monotonic, wall=time.time, log=LOG)
+                if ok:
+                    run()
+                else:
+                    with pytest.raises(PrepareFailed, match=f"127.0.0.1:{port}"):
+                        run()
+        assert (d / "out" / "hmok-1.0-py3-none-any.whl").exists()
+        assert got == []                                  # the loopback port saw nothing
+        assert any("no network namespace" in t for t in lines)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -16,16 +16,26 @@ decides the rest); IP literals and names that resolve locally are still refused 
 
 One request per connection for plain HTTP (`Connection: close` is forced), so a kept-alive
 connection can't carry a second request to another host past the check.
+
+Where the worker can't create the namespace (not root and no user namespaces, e.g. under the
+hardened unit's RestrictNamespaces=), pip runs on the host network with `--proxy` pointing at
+this proxy on 127.0.0.1 (a random port and a random credential, so no other local process can
+use it). pip sends every request through its proxy, so what index pages and metadata name is
+still checked here; only pip itself, which runs nothing from the archive, has the host network.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hmac
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +107,23 @@ def relay_source() -> str:
     return (Path(__file__).with_name("fetch_relay.py")).read_text(encoding="utf-8")
 
 
+_NETNS: dict[bool, bool] = {}
+
+
+def netns_available() -> bool:
+    """Whether this process can give the fetch step a network namespace of its own."""
+    root = os.geteuid() == 0
+    if root not in _NETNS:
+        argv = (["unshare", "--net", "--", "true"] if root
+                else ["unshare", "--user", "--map-root-user", "--net", "--", "true"])
+        try:
+            _NETNS[root] = subprocess.run(argv, capture_output=True, timeout=10,
+                                          stdin=subprocess.DEVNULL).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _NETNS[root] = False
+    return _NETNS[root]
+
+
 def sandboxed_fetch_argv(python: str, socket_path: Path, pip_argv: list[str],
                          drop: list[str]) -> list[str]:
     """`pip_argv` (with `{proxy}` where the proxy URL goes) in an empty network namespace whose
@@ -114,29 +141,39 @@ class FetchProxy:
     """Listens on a unix socket until `close()`; one thread per connection."""
 
     @classmethod
-    def for_config(cls, path: Path, index_url: str, proxy: str, logger: logging.Logger,
+    def for_config(cls, path: Path | None, index_url: str, proxy: str, logger: logging.Logger,
                    resolver: Resolver = _resolve) -> FetchProxy:
         configured = [hp for hp in (host_port(index_url), host_port(proxy)) if hp]
         return cls(path, Policy(configured, resolver), logger, upstream=host_port(proxy))
 
-    def __init__(self, path: Path, policy: Policy, logger: logging.Logger,
+    def __init__(self, path: Path | None, policy: Policy, logger: logging.Logger,
                  upstream: tuple[str, int] | None = None) -> None:
+        """On the unix socket `path`, or (None) on 127.0.0.1 with a credential (see `url`)."""
         self.path = path
         self._policy = policy
         self._log = logger
         self._upstream = upstream
         self.refused: list[str] = []       # "host:port: why", for the prepare output and tests
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._sock.bind(str(path))
+        self._secret = ""
+        if path is not None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._sock.bind(str(path))
+            self.url = ""
+        else:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._sock.bind(("127.0.0.1", 0))
+            self._secret = secrets.token_hex(16)
+            self.url = f"http://hm:{self._secret}@127.0.0.1:{self._sock.getsockname()[1]}"
         self._sock.listen(64)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="fetch-proxy", daemon=True)
         self._thread.start()
 
     def chown(self, uid: int, gid: int) -> None:
-        os.chown(self.path, uid, gid)
+        if self.path is not None:
+            os.chown(self.path, uid, gid)
 
     def close(self) -> None:
         self._closed.set()
@@ -144,8 +181,9 @@ class FetchProxy:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._thread.join(5)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def _serve(self) -> None:
         while not self._closed.is_set():
@@ -168,6 +206,8 @@ class FetchProxy:
             if len(parts) != 3:
                 return _refuse(client, 400, "bad request")
             method, target, version = parts
+            if self._secret and not self._authorized(rest):
+                return _refuse(client, 407, "proxy credential missing or wrong")
             if method == "CONNECT":
                 host, _, port_s = target.rpartition(":")
                 port = int(port_s) if port_s.isdigit() else 443
@@ -202,6 +242,16 @@ class FetchProxy:
                 upstream.close()
 
 
+    def _authorized(self, headers: bytes) -> bool:
+        want = base64.b64encode(f"hm:{self._secret}".encode())
+        for line in headers.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"proxy-authorization":
+                scheme, _, cred = value.strip().partition(b" ")
+                return scheme.lower() == b"basic" and hmac.compare_digest(cred.strip(), want)
+        return False
+
+
 def _read_head(sock: socket.socket) -> bytes | None:
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -224,7 +274,7 @@ def _close_after_one(head: bytes) -> bytes:
 
 def _refuse(client: socket.socket, code: int, why: str) -> None:
     body = f"refused by the worker: {why}\n".encode()
-    reason = "Forbidden" if code == 403 else "Bad Request"
+    reason = {403: "Forbidden", 407: "Proxy Authentication Required"}.get(code, "Bad Request")
     with contextlib.suppress(OSError):
         client.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Length: {len(body)}\r\n"
                        "Connection: close\r\n\r\n".encode() + body)

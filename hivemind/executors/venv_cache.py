@@ -36,7 +36,7 @@ from pathlib import Path
 from hivemind.config import RequirementsConfig
 from hivemind.errors import HivemindError
 from hivemind.executors.base import OutputLine, OutputSink, PrepareCancelled
-from hivemind.executors.fetch_proxy import FetchProxy, sandboxed_fetch_argv
+from hivemind.executors.fetch_proxy import FetchProxy, netns_available, sandboxed_fetch_argv
 from hivemind.executors.proc import (
     LineSplitter,
     TaskUser,
@@ -217,19 +217,30 @@ def fetch_wheels(pip_argv: list[str], python: str, *, cfg: RequirementsConfig, c
     """The fetch step: `pip_argv` (pip download) in an empty network namespace whose only way
     out is the worker's filtering proxy (fetch_proxy.py), as `user`."""
     sock_dir = Path(tempfile.mkdtemp(prefix="hm-fetch-"))
-    proxy = FetchProxy.for_config(sock_dir / "s", cfg.index_url, cfg.proxy, log)
+    in_netns = netns_available()
+    proxy = FetchProxy.for_config(sock_dir / "s" if in_netns else None, cfg.index_url,
+                                  cfg.proxy, log)
     try:
         drop: list[str] = []
+        step_user = None
         if user is not None:
             os.chown(sock_dir, user.uid, user.gid)
             proxy.chown(user.uid, user.gid)
             if os.geteuid() == 0:
                 drop = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
                         "--clear-groups", "--no-new-privs", "--bounding-set=-all", "--"]
-        argv = sandboxed_fetch_argv(python, proxy.path, pip_argv, drop)
+        if in_netns:
+            argv = sandboxed_fetch_argv(python, proxy.path or sock_dir / "s", pip_argv, drop)
+        else:
+            emit(sink, "prepare", ["[hivemind] no network namespace for the fetch step here: "
+                                   "pip reaches the network only through the worker's filtering proxy"],
+                 wall, log)
+            argv = [a.replace("{proxy}", proxy.url) for a in pip_argv]
+            step_user = user if os.geteuid() == 0 else None
         try:
-            run_step(argv, cwd=cwd, env=env, user=None, isolate=False, sink=sink, cancel=cancel,
-                     deadline=deadline, what="pip download", clock=clock, wall=wall, log=log)
+            run_step(argv, cwd=cwd, env=env, user=step_user, isolate=False, sink=sink,
+                     cancel=cancel, deadline=deadline, what="pip download", clock=clock,
+                     wall=wall, log=log)
         except PrepareFailed as exc:
             if proxy.refused:
                 raise PrepareFailed(f"{exc}; the fetch step may reach only the package index, "
