@@ -281,6 +281,10 @@ def _cross_checks(cfg: Config, environ: Mapping[str, str], problems: list[str]) 
             problems.append(f"{key}: secret file {str(path)!r} is not readable; fix its owner or mode")
     if cfg.server.advertise_host == "127.0.0.1":
         problems.append("server.advertise_host: '127.0.0.1' is skipped by the pool; use another loopback address such as 127.0.0.2")
+    ven = cfg.executor.venv
+    if ven.uid_range_size and cfg.executor.slots > ven.uid_range_size:
+        problems.append(f"executor.venv.uid_range_size: {ven.uid_range_size} is less than "
+                        f"executor.slots ({cfg.executor.slots}); each running task needs a uid")
     req = cfg.executor.requirements
     if req.index_url and not req.index_url.startswith(("http://", "https://", "file:///")):
         problems.append(f"executor.requirements.index_url: {req.index_url!r} must be an http://, https:// or file:/// URL")

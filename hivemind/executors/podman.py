@@ -440,7 +440,10 @@ class PodmanExecutor:
     def _handle(self, run: _Run) -> TaskHandle:
         return TaskHandle(HANDLE_VERSION, run.task_id, self.name, {
             "container_id": run.container_id, "started_at": run.started_at,
-            "timeout_s": run.timeout_s, "rootless": self.rootless})
+            "timeout_s": run.timeout_s, "rootless": self.rootless,
+            # For the task record: whose host uid the task's uid is.
+            "isolation": {"user_namespace": "keep-id (the service user)" if self.rootless
+                          else "auto (a uid no account has)"}})
 
     def _check_applied(self, task_id: str, st: ContainerState, cs: ContainerSpec) -> None:
         missing = _enforcement_of(st, cs, self.rootless).notes
