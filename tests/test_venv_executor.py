@@ -144,7 +144,8 @@ def test_is_an_executor_and_probe_reports(base: Path, cache_dir: Path) -> None:
     assert st.usable, st.reason
     assert st.enforcement is not None
     assert st.enforcement.isolation == "process"
-    assert not st.enforcement.cpu and not st.enforcement.readonly_root
+    assert not st.enforcement.cpu
+    assert st.enforcement.readonly_root == IS_ROOT      # root mount read-only in its namespace
     assert any("RLIMIT_AS" in n for n in st.enforcement.notes)
     assert st.enforcement.network_isolated == IS_ROOT
 

@@ -12,6 +12,9 @@
   The paths the task needs (workspace, venv) may themselves lie under one of those dirs (tests
   keep state under /var/tmp): they are opened before the tmpfs goes on and bind-mounted back from
   the open descriptor, so the task sees exactly them and nothing else of the old dir.
+- Everything else is read-only for the task: the root mount is remounted read-only in its
+  namespace (the workspace, bind-mounted onto itself first, stays writable), so no world-writable
+  directory anywhere on the host's root filesystem can carry a file past the task's end.
 - The mounts are made as root inside the namespaces, before setpriv drops to the task's uid;
   nothing of the task runs before that.
 
@@ -26,7 +29,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")   # noqa: S108 - these are the dirs made private
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")   # noqa: S108 - the dirs made private
 _FIRST_FD = 4          # 0-2: exit file, stdout, stderr; 3 is the wrapper's exit-code fd
 
 
@@ -59,18 +62,24 @@ def unshare_argv(*, net: bool) -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount-proc", *(["--net"] if net else []), "--"]
 
 
-def sandbox_init_argv(keep: list[str], tmpfs_bytes: int) -> list[str]:
-    """`sh -c` that mounts the private dirs, restores `keep` paths, then execs the rest of argv."""
+def sandbox_init_argv(keep: list[str], tmpfs_bytes: int, writable: str | None = None) -> list[str]:
+    """`sh -c` that mounts the private dirs, restores `keep` paths, makes the root mount
+    read-only except `writable` (one of `keep`), then execs the rest of argv."""
     fds = [_FIRST_FD + i for i in range(len(keep))]
     lines = ["set -e"]
     if keep:
         lines.append("exec " + " ".join(f'{fd}<"${i + 1}"' for i, fd in enumerate(fds)))
     opts = f"nosuid,nodev,mode=1777,size={max(1, tmpfs_bytes // 1024)}k"
-    lines += [f"mount -t tmpfs -o {opts} hivemind-private {d}" for d in PRIVATE_DIRS]
+    lines += [f"[ ! -d {d} ] || mount -t tmpfs -o {opts} hivemind-private {d}" for d in PRIVATE_DIRS]
     for i, fd in enumerate(fds):
         # Hidden by a tmpfs: recreate the path inside it and bind the original back.
         lines.append(f'[ -d "${i + 1}" ] || {{ mkdir -p "${i + 1}"; '
                      f'mount --no-canonicalize --bind /proc/self/fd/{fd} "${i + 1}"; }}')
+    if writable is not None:
+        i = keep.index(writable) + 1
+        # Its own mount, so the read-only remount of / below leaves it writable.
+        # cd again after: the cwd inherited from the worker is still on the old (now read-only) mount.
+        lines += [f'mount --bind "${i}" "${i}"', "mount -o remount,bind,ro /", f'cd "${i}"']
     if keep:
         lines.append("exec " + " ".join(f"{fd}<&-" for fd in fds))
     lines += [f"shift {len(keep)}" if keep else ":", 'exec "$@"']

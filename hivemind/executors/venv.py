@@ -212,8 +212,7 @@ class VenvExecutor:
         notes = ["weaker isolation: venv fallback (processes on the host, no container)",
                  "memory: RLIMIT_AS per process (virtual memory), no cgroup limit",
                  "pids: RLIMIT_NPROC counts every process of the task's uid",
-                 "cpu: no quota (RLIMIT_CPU only as a timeout backstop)",
-                 "readonly root: no, the task sees the host filesystem as its user"]
+                 "cpu: no quota (RLIMIT_CPU only as a timeout backstop)"]
         if self._user is None:
             notes.append("worker is not root: tasks run as the worker's own user and can read its files")
         elif self._uids is None:
@@ -223,7 +222,9 @@ class VenvExecutor:
             notes.append(f"identity: a uid of its own per task ({self._uids.first}.."
                          f"{self._uids.first + self._uids.count - 1})")
         ns = self._namespaces()
-        notes.append("processes: own PID namespace; private /tmp, /var/tmp, /dev/shm" if ns.pid_mount
+        notes.append("filesystem: the host's, read-only but for the workspace (readable as the task's uid)"
+                     if ns.pid_mount else "readonly root: no, the task sees the host filesystem as its user")
+        notes.append("processes: own PID namespace; private /tmp, /var/tmp, /dev/shm, /run/lock" if ns.pid_mount
                      else f"processes: no PID/mount namespace ({ns.why_not}): a task sees every "
                           "host process, shares /tmp, and a process that clears its environment "
                           "and calls setsid can outlive it")
@@ -231,7 +232,8 @@ class VenvExecutor:
         notes.append("network: empty network namespace (unshare --net)" if net
                      else "network: not isolated (unshare --net needs root)")
         enforcement = Enforcement(isolation="process", memory=True, cpu=False, pids=True,
-                                  network_isolated=net, readonly_root=False, notes=tuple(notes))
+                                  network_isolated=net, readonly_root=ns.pid_mount,
+                                  notes=tuple(notes))
         who = self._user.name if self._user else "the worker's user"
         return ExecutorStatus(self.name, True, f"venv tasks as {who} with {self._python}", enforcement)
 
@@ -245,7 +247,8 @@ class VenvExecutor:
         ns = self._namespaces()
         facts: dict[str, Any] = {
             "uid": uid, "uid_per_task": own_uid, "pid_namespace": ns.pid_mount,
-            "private_tmp": ns.pid_mount, "network_namespace": self._netns_works()}
+            "private_tmp": ns.pid_mount, "readonly_root": ns.pid_mount,
+            "network_namespace": self._netns_works()}
         missing = [k for k in ("uid_per_task", "pid_namespace", "private_tmp") if not facts[k]]
         if missing:
             facts["not_applied"] = missing
@@ -328,7 +331,8 @@ class VenvExecutor:
         net = not spec.limits.network and self._netns_works()
         if self._namespaces().pid_mount:
             keep = [str(spec.workspace), str(venv)]
-            argv += unshare_argv(net=net) + sandbox_init_argv(keep, spec.limits.tmpfs_bytes)
+            argv += unshare_argv(net=net) + sandbox_init_argv(keep, spec.limits.tmpfs_bytes,
+                                                              writable=str(spec.workspace))
         elif net:
             argv += ["unshare", "--net", "--"]
         if user is not None:

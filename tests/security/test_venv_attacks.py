@@ -3,12 +3,14 @@ leaving files in shared temp dirs, seeing the host's processes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -216,9 +218,9 @@ def test_setsid_double_fork_implant(base: Path, beacon_dir: Path, ending: str) -
 
 
 def test_files_left_in_shared_temp_dirs(base: Path) -> None:
-    """a venv task leaving files in /tmp, /var/tmp and /dev/shm for later tasks"""
+    """a venv task leaving files in /tmp, /var/tmp, /dev/shm and /run/lock for later tasks"""
     name = f"hm-sec-left-{uuid.uuid4().hex[:8]}"
-    dirs = ["/tmp", "/var/tmp", "/dev/shm"]
+    dirs = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"]
     main = ("import sys\nfor d in sys.argv[2:]:\n    open(d + '/' + sys.argv[1], 'w').write('x')\n"
             "    print('wrote', d, flush=True)\n")
     with make_executor("venv", base) as ex:
@@ -257,3 +259,37 @@ def test_host_processes_are_invisible(base: Path) -> None:
     out = dict(line.split(" ", 1) for line in lines.texts("stdout"))
     assert int(out["pids"]) <= 5                       # its own few processes only
     assert out["init"] == "sh"                         # PID 1 is the task's own wrapper
+
+
+def test_files_left_anywhere_else_on_the_host(base: Path) -> None:
+    """a venv task writing into world-writable host directories outside the temp dirs"""
+    name = f"hm-sec-left-{uuid.uuid4().hex[:8]}"
+    # A world-writable dir on the root filesystem, outside the dirs the task gets private.
+    spot = Path(tempfile.mkdtemp(prefix="hm-sec-world-", dir="/var/lib"))
+    spot.chmod(0o1777)
+    main = ("import sys\ntry:\n    open(sys.argv[1], 'w').write('x')\n    print('wrote')\n"
+            "except OSError as e:\n    print('refused', e.errno)\n"
+            "open('in-workspace.txt', 'w').write('ok')\n")
+    try:
+        target = spot / name
+        # The probe works: any uid may create files there outside the sandbox.
+        probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                                "sh", "-c", f"touch {target} && echo ok"],
+                               capture_output=True, text=True)
+        assert probe.stdout.strip() == "ok"
+        target.unlink()
+        with make_executor("venv", base) as ex:
+            spec = _spec(base, main)
+            spec = TaskSpec(spec.task_id, spec.workspace, Entry(("python", "main.py", str(target))),
+                            spec.limits)
+            lines = Lines()
+            ex.prepare(spec, lines, threading.Event())
+            ex.start(spec, lines)
+            res = ex.wait(spec.task_id, 60)
+            assert res is not None and res.exit_code == 0, lines.texts()
+            ex.cleanup(spec.task_id)
+        assert lines.texts("stdout") == [f"refused {errno.EROFS}"]
+        assert (spec.workspace / "in-workspace.txt").read_text() == "ok"   # its own dir is writable
+        assert not target.exists()
+    finally:
+        shutil.rmtree(spot, ignore_errors=True)
