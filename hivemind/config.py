@@ -106,6 +106,8 @@ class VenvConfig:
     task_user: str = opt("nobody", "Unprivileged user tasks run as when the worker is root.")
     nofile: int = opt(1024, "RLIMIT_NOFILE of a task.", min=64, max=1048576)
     nproc: int = opt(512, "RLIMIT_NPROC of a task (per user).", min=16, max=1048576)
+    # NixOS has no /usr/bin: its module points this at the system profile, where bash lives.
+    task_path: str = opt("/usr/bin:/bin", "PATH of a task after its venv's bin directory.")
 
 
 @dataclass(frozen=True)

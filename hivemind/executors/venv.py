@@ -239,7 +239,7 @@ class VenvExecutor:
             raise _StartError("no venv for this task's requirements: prepare() did not run or failed")
         if not spec.entry.argv:
             raise _StartError("empty entry command")
-        path = f"{venv}/bin:/usr/bin:/bin"
+        path = f"{venv}/bin:{self._cfg.task_path}"
         env = {k: v for k, v in spec.env.items() if "\0" not in k + v and "=" not in k and k}
         env.update(PATH=path, HOME=str(spec.workspace), LANG="C.UTF-8", PYTHONUNBUFFERED="1",
                    VIRTUAL_ENV=str(venv), **{MARKER_ENV: spec.task_id})
@@ -247,7 +247,7 @@ class VenvExecutor:
         exe = entry[0]
         found = (spec.workspace / exe) if "/" in exe else shutil.which(exe, path=path)
         if found is None or not os.path.exists(found):
-            raise _StartError(f"entry command {exe!r} not found in the venv or /usr/bin:/bin")
+            raise _StartError(f"entry command {exe!r} not found in the venv or {self._cfg.task_path}")
         if self._user is not None and not may_access(spec.workspace, self._user, os.X_OK):
             raise _StartError(f"task user {self._user.name} can't reach the workspace; "
                               "make the state dir's parents o+x")
