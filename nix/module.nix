@@ -105,12 +105,13 @@ let
     "pool.heartbeat_interval_s" "pool.register_interval_s" "pool.result_min_delay_s"
     "executor.task_timeout_s" "executor.stop_grace_s" "resources.default_memory_gb"
   ];
-  withoutLive = settings: lib.mapAttrs
+  # (A section left empty is dropped: `resources: {}` and no resources key read the same.)
+  withoutLive = settings: lib.filterAttrs (_: v: v != { }) (lib.mapAttrs
     (section: value:
       let live = map (key: lib.removePrefix "${section}." key)
         (builtins.filter (lib.hasPrefix "${section}.") liveKeys);
       in if builtins.isAttrs value then builtins.removeAttrs value live else value)
-    (builtins.removeAttrs settings liveSections);
+    (builtins.removeAttrs settings liveSections));
   restartSettings = yaml.generate "hivemind-worker-restart-keys.yaml" (withoutLive finalSettings);
 
   # check-config's auth rule (hivemind/server/auth.py choose_mode), on the settings the worker
