@@ -89,6 +89,7 @@ class ServerConfig:
 class PodmanConfig:
     mode: str = opt("rootless", "rootless (default) or rootful Podman.", choices=("rootless", "rootful"))
     socket: str = opt("", "Podman API URI (unix:///...); empty finds or starts the service for the mode.")
+    socket_wait_s: float = opt(60.0, "With socket set: how long a socket that refuses connections (Podman still starting) is waited for before falling back.", min=0, max=3600)
     image: str = opt("localhost/hivemind-task:latest", "Image tasks run in (built by images/build).")
     network: str = opt("none", "none, or outbound to let tasks open outbound connections.", choices=("none", "outbound"))
     user: str = opt("1000:1000", "uid:gid the task runs as inside the container (non-root).")

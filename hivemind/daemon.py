@@ -336,7 +336,10 @@ class Daemon:
 
     def shutdown(self) -> None:
         policy = self.cfg.shutdown.policy
-        self.notifier.stopping()
+        # The drain may outlast the unit's TimeoutStopSec (a static 90 s on Debian): extend it by
+        # what this config can take, so systemd never kills the worker in mid-drain.
+        drain = self.cfg.shutdown.drain_timeout_s + self.cfg.executor.stop_grace_s + 30
+        self.notifier.stopping(extend_timeout_s=drain if policy == "drain" else None)
         self.log.info("shutting down (policy %s)", policy, extra={"event": "worker.stopping"})
         self.worker.drain()
         if self.session is not None:

@@ -106,8 +106,13 @@ class Notifier:
         uses to tell this reload from an older one (Type=notify-reload); older versions ignore it."""
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={self._monotonic_usec()}")
 
-    def stopping(self) -> bool:
-        return self.notify("STOPPING=1")
+    def stopping(self, extend_timeout_s: float | None = None) -> bool:
+        """Shutdown began. `extend_timeout_s`: the stop may take this long (a drain), so systemd
+        must not kill the worker before then even when the unit's TimeoutStopSec is shorter."""
+        fields = ["STOPPING=1"]
+        if extend_timeout_s is not None and extend_timeout_s > 0:
+            fields.append(f"EXTEND_TIMEOUT_USEC={int(extend_timeout_s * 1_000_000)}")
+        return self.notify(*fields)
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
