@@ -506,10 +506,14 @@ def test_task_images_offer_the_same_contents() -> None:
 # -- the package's check phase, reproduced -----------------------------------------------------
 
 # What a Nix build sandbox has on PATH for this package: stdenv's tools plus nativeCheckInputs.
-STDENV_TOOLS = tuple("""bash sh cat cp mv rm ln ls mkdir rmdir chmod chown touch head tail tr wc sort
-    uniq cut env true false sleep id dirname basename readlink realpath mktemp date stat test expr
-    printf echo tee seq sed grep egrep awk gawk find xargs diff cmp tar gzip gunzip xz bzip2 patch
-    make file uname""".split())
+STDENV_TOOLS = (
+    "bash", "sh", "cat", "cp", "mv", "rm", "ln", "ls", "mkdir", "rmdir", "chmod", "chown",
+    "touch", "head", "tail", "tr", "wc", "sort", "uniq", "cut", "env", "true", "false", "sleep",
+    "id", "dirname", "basename", "readlink", "realpath", "mktemp", "date", "stat", "test",
+    "expr", "printf", "echo", "tee", "seq", "sed", "grep", "egrep", "awk", "gawk", "find",
+    "xargs", "diff", "cmp", "tar", "gzip", "gunzip", "xz", "bzip2", "patch", "make", "file",
+    "uname",
+)
 NATIVE_CHECK_TOOLS = {"util-linux": ("prlimit", "setpriv", "unshare", "nsenter", "kill", "mount", "findmnt")}
 
 
