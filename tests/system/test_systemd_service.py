@@ -152,6 +152,7 @@ def test_install_as_the_readme_says(machine: Machine) -> None:
         assert machine.run("grep", "^hivemind:", map_).stdout.strip().endswith(":65536")
     assert machine.run("systemctl", "is-enabled", UNIT, check=False).stdout.strip() == "disabled"
     machine.run("test", "-f", f"/etc/systemd/system/{PODMAN_UNIT}.service")
+    machine.run("test", "-f", f"/etc/systemd/system/{PODMAN_UNIT}.socket")
 
     # A development pool beside it, as a transient unit; its worker password becomes the credential.
     machine.run("systemd-run", "--unit=hivemind-devpool", BIN, "dev", "--pool-only",
