@@ -42,6 +42,10 @@ python3Packages.buildPythonApplication {
   # itself; a marker expression in pytestFlagsArray is split into words by its eval.
   disabledTestMarks = [ "podman" "system" "slow" ];
   disabledTestPaths = [ "tests/system" ];
+  # The build runs unprivileged, so the venv executor runs tasks as the build user itself: keeping
+  # a task away from the worker's own secret files needs a root worker (the task-user switch).
+  # The full suite runs it as root.
+  disabledTests = [ "test_known_secrets_reach_no_log_status_error_or_result" ];
 
   pythonImportsCheck = [ "hivemind" "hivemind._proto.nodepool_pb2_grpc" ];
 

@@ -456,6 +456,7 @@ def test_package_check_attributes(package: dict[str, Any]) -> None:
     # One word per mark (the hook joins them); no marker expression left to the hook's eval.
     assert package["disabledTestMarks"] == ["podman", "system", "slow"]
     assert package["pytestFlagsArray"] == [] and all(" " not in f for f in package["pytestFlags"])
+    assert all(" " not in t for t in package["disabledTests"])   # the hook splits on whitespace
     assert "util-linux" in package["nativeCheckInputs"] and "pytestCheckHook" in package["nativeCheckInputs"]
     assert "systemd-python" in package["dependencies"] and "sdnotify" not in package["dependencies"]
     src = {str(Path(p).relative_to(REPO)) for p in package["src"]}
@@ -570,6 +571,9 @@ def _sandbox_path(build_dir: Path) -> Path:
         found = shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin")
         if found:
             (bin_dir / tool).symlink_to(found)
+    # The build's interpreter is on PATH too (buildPythonPackage puts python in the build inputs).
+    for name in ("python3", "python"):
+        (bin_dir / name).symlink_to(sys.executable)
     return bin_dir
 
 
