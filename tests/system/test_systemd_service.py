@@ -212,7 +212,7 @@ def test_journal_has_structured_records(machine: Machine) -> None:
     rec = ready[-1]
     assert rec["SYSLOG_IDENTIFIER"] == "hivemind-worker"
     assert rec["PRIORITY"] == "6"
-    assert rec["CODE_FILE"].endswith("hivemind/daemon.py") and rec["CODE_FUNC"] == "start"
+    assert rec["CODE_FILE"].endswith("hivemind/daemon.py") and rec["CODE_FUNC"] in ("start", "_start")
     assert rec["_UID"] == machine.run("id", "-u", "hivemind").stdout.strip()
     password = machine.run("cat", "/etc/hivemind/pool-password").stdout.strip()
     assert password not in json.dumps(machine.journal("-u", UNIT))
