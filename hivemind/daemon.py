@@ -216,12 +216,6 @@ class Daemon:
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
         """Serve; a listener that can't bind is a StartupError (shutdown() undoes the rest)."""
-        try:
-            self._start()
-        except OSError as exc:
-            raise StartupError(f"can't start: {_os_problem(exc)}") from None
-
-    def _start(self) -> None:
         self._install_signals()
         self.worker.start()
         self.worker.recover()
@@ -255,8 +249,13 @@ class Daemon:
         host = self.cfg.status.listen_host
         app = create_app(self.view, metrics=self.prom, token=token, reads_need_token=reads_need_token(host),
                          logger=self.log)
-        self.status_server = StatusServer(app, host, self.cfg.status.port, logger=self.log)
-        self.status_server.start()
+        server = StatusServer(app, host, self.cfg.status.port, logger=self.log)
+        try:
+            server.start()
+        except OSError as exc:
+            raise StartupError(f"status.listen_host/port: can't listen on {host}:{self.cfg.status.port}: "
+                               f"{exc.strerror or exc}") from None
+        self.status_server = server
 
     def healthy(self) -> bool:
         """The watchdog's check: the main loop turned recently and the gRPC server answers."""

@@ -92,6 +92,24 @@ def test_environment_error_dev(files: dict[str, Path]) -> None:
     _assert_clean_failure(res, 2, "--state-dir", "Not a directory")
 
 
+@needs_podman
+@pytest.mark.podman
+def test_environment_error_port_taken(files: dict[str, Path]) -> None:
+    import socket
+    import tempfile
+
+    state = Path(tempfile.mkdtemp(prefix="hivemind-e2e-startup-", dir="/var/tmp"))  # conftest removes it
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = files["dir"] / "port.yaml"
+        cfg.write_text(files["bad_state"].read_text().replace(str(files["dir"] / "a-file" / "state"), str(state))
+                       .replace("status: {port: 0}", f"status: {{port: {port}}}"))
+        res = _run(["run", "--config", str(cfg)], files["dir"])
+    _assert_clean_failure(res, 2, f"status.listen_host/port: can't listen on 127.0.0.1:{port}")
+
+
 # -- executor --------------------------------------------------------------------------------------
 
 @needs_podman
