@@ -380,6 +380,42 @@ def test_module_hygiene(minimal: dict[str, Any]) -> None:
         assert relaxed in minimal["hardening"], relaxed
 
 
+FLAKE_MODULE = """
+let
+  lib = import LIB;
+  inherit (import ./tests/nix/eval-module.nix { inherit lib; hostConfig = { }; }) pkgs;
+  nixpkgs = { inherit lib; legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (_: pkgs); };
+  self = (import ./flake.nix).outputs { inherit self nixpkgs; };
+  evaluated = import ./tests/nix/eval-module.nix {
+    inherit lib;
+    module = self.nixosModules.default;
+    hostConfig = { services.hivemind-worker = { enable = true; passwordFile = "/run/keys/p";
+      settings.pool.address = "pool:50051"; settings.server.auth.legacy_allowed_peers = [ "10.0.0.1" ]; }; };
+  };
+in {
+  inherit (evaluated) failedAssertions;
+  exec = evaluated.services.hivemind-worker.serviceConfig.ExecStart;
+  image = evaluated.rendered.value.executor.podman.image;
+  loader = evaluated.services ? hivemind-task-image;
+  apps = builtins.attrNames self.apps.x86_64-linux;
+  checks = builtins.attrNames self.checks.x86_64-linux;
+}
+"""
+
+
+@needs_lib
+def test_flake_module_brings_the_flakes_package_and_task_image() -> None:
+    """The flake's nixosModules.default, from the flake's outputs (nixpkgs stubbed as above):
+    the worker from self.packages and the task image with its loader unit."""
+    out = nix_eval(FLAKE_MODULE.replace("LIB", str(LIB)))
+    assert out["failedAssertions"] == []
+    assert out["exec"] == ("/nix/store/00000000000000000000000000000000-hivemind-worker/bin/hivemind-worker "
+                           "run --config /etc/hivemind/worker.yaml")
+    assert out["image"] == "localhost/hivemind-task:stub" and out["loader"] is True
+    assert {"worker", "default"} <= set(out["apps"])
+    assert {"worker", "native", "unit-file", "vm-test"} <= set(out["checks"])
+
+
 def test_module_keeps_secrets_out_of_the_store() -> None:
     module = (REPO / "nix/module.nix").read_text()
     assert "LoadCredential = lib.mapAttrsToList" in module

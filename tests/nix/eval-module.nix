@@ -6,7 +6,7 @@
 #
 #   nix-instantiate --eval --strict --json tests/nix/eval-module.nix \
 #     --arg lib 'import .../nixpkgs-lib/26.05/lib' --arg hostConfig '{ ... }'
-{ lib, hostConfig, extraModules ? [ ] }:
+{ lib, hostConfig, extraModules ? [ ], module ? ../../nix/module.nix }:
 
 let
   inherit (lib) mkOption types;
@@ -36,6 +36,13 @@ let
     slirp4netns = pkg "slirp4netns" { };
     shadow = pkg "shadow" { };
     podman = pkg "podman" { };
+    stdenv.hostPlatform.system = "x86_64-linux";
+    # For the flake's outputs: every package is a store-path-shaped stand-in named after its file.
+    callPackage = path: _args: pkg ({ "package.nix" = "hivemind-worker"; images = "hivemind-task-image";
+      native = "hivemind-metrics"; }.${baseNameOf (toString path)} or (baseNameOf (toString path))) {
+      imageName = "localhost/hivemind-task";
+      imageTag = "stub";
+    };
   };
 
   unitOption = lib.mkOptionType {
@@ -103,7 +110,7 @@ let
   };
 
   evaluated = lib.evalModules {
-    modules = [ stubs ../../nix/module.nix hostConfig ] ++ extraModules;
+    modules = [ stubs module hostConfig ] ++ extraModules;
     specialArgs = { inherit pkgs; };
   };
   inherit (evaluated) config options;
@@ -122,6 +129,7 @@ let
   worker = config.systemd.services.hivemind-worker or null;
 in
 {
+  inherit pkgs;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
   services = lib.mapAttrs (_: plainUnit) config.systemd.services;
   sockets = lib.mapAttrs (_: plainUnit) config.systemd.sockets;
