@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hivemind.config import parse_config
+from hivemind.executors.base import ExecutorStatus
 from hivemind.executors.select import wait_for_socket
 
 LOG = logging.getLogger("test")
@@ -79,3 +81,24 @@ def test_a_missing_socket_is_not_waited_for(sock_path: Path) -> None:
     assert clock.sleeps == 0
     wait_for_socket("tcp://127.0.0.1:1", 60, LOG, clock=clock, sleep=clock.sleep)
     assert clock.sleeps == 0
+
+
+class _FakePodman:
+    name = "podman"
+
+    def probe(self) -> ExecutorStatus:
+        return ExecutorStatus("podman", True, "podman 4.3 rootless")
+
+
+@pytest.mark.parametrize(("socket_uri", "waited"), [("unix:///run/hivemind-podman/podman.sock", True), ("", False)])
+def test_select_waits_only_for_a_configured_socket(monkeypatch: pytest.MonkeyPatch, socket_uri: str,
+                                                    waited: bool) -> None:
+    from hivemind.executors import select
+
+    calls: list[tuple[str, float]] = []
+    monkeypatch.setattr(select, "wait_for_socket", lambda uri, timeout, _log: calls.append((uri, timeout)))
+    monkeypatch.setattr(select, "_podman", lambda _cfg, _log: _FakePodman())
+    cfg = parse_config({"executor": {"kind": "podman", "podman": {"socket": socket_uri, "socket_wait_s": 42}}})
+    executor, status = select.select_executor(cfg, LOG)
+    assert status.usable and executor.name == "podman"
+    assert calls == ([(socket_uri, 42.0)] if waited else [])
