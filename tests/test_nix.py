@@ -416,6 +416,36 @@ def test_flake_module_brings_the_flakes_package_and_task_image() -> None:
     assert {"worker", "native", "unit-file", "vm-test"} <= set(out["checks"])
 
 
+VM_TEST_SCRIPT = """
+let
+  lib = import LIB;
+  stub = name: { type = "derivation"; inherit name; outPath = "/nix/store/44444444444444444444444444444444-${name}";
+                 meta.mainProgram = name; };
+  pkgs = {
+    python3.sitePackages = "lib/python3.13/site-packages";
+    python3Packages.six.dist = stub "six-dist";
+    runCommand = name: _env: _script: stub name;
+    writeTextDir = name: _text: stub name;
+  };
+  test = import ./nix/vm-test.nix { self = { nixosModules.default = { }; }; } { inherit lib pkgs; };
+  nodes.machine.services.hivemind-worker = { package = stub "hivemind-worker";
+    settings.executor.podman.image = "localhost/hivemind-task:abc"; };
+in { script = test.testScript { inherit nodes; }; inherit (test) name; }
+"""
+
+
+@needs_lib
+def test_vm_test_script_is_python_with_every_operator_action() -> None:
+    """The VM test can't run here: its script is rendered with stub nodes and compiled, and holds
+    a subtest for each action the issue lists."""
+    out = nix_eval(VM_TEST_SCRIPT.replace("LIB", str(LIB)))
+    compile(out["script"], "vm-test.py", "exec")
+    for action in ("an invalid config fails the reload", "stop with a running task", "the watchdog (shipped WatchdogSec)",
+                   "a Podman crash leaves the worker running", "a task with requirements.txt",
+                   "--out /tmp/hello.result.zip"):
+        assert action in out["script"], action
+
+
 def test_module_keeps_secrets_out_of_the_store() -> None:
     module = (REPO / "nix/module.nix").read_text()
     assert "LoadCredential = lib.mapAttrsToList" in module
