@@ -8,6 +8,7 @@ into `executor.stop(grace)` at whatever phase the task is in (a stop during pip 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -147,9 +148,7 @@ class TaskRunner:
         self._archive = None  # the archive may be hundreds of MB: don't keep it for the whole run
         entry = discover_entry(ws)
         timeout = min(self._timeout, entry.timeout_s) if entry.timeout_s else self._timeout
-        limits = Limits(cpus=self._limits.cpus, memory_bytes=self._limits.memory_bytes,
-                        pids=self._limits.pids, timeout_s=timeout, tmpfs_bytes=self._limits.tmpfs_bytes,
-                        network=self._limits.network, gpu_devices=self._limits.gpu_devices)
+        limits = dataclasses.replace(self._limits, timeout_s=timeout)
         spec = TaskSpec(task_id=self.task_id, workspace=ws, entry=entry, limits=limits,
                         requirements=find_requirements(ws), labels=self._labels)
         if self.stop_requested.is_set():
@@ -252,6 +251,7 @@ class TaskRunner:
                        "pids": self._limits.pids},
             "peak_memory_bytes": result.peak_memory_bytes or (self.usage.peak_memory or None),
             "cpu_seconds": result.cpu_seconds,
+            "output": self.output.summary(),
         }
 
 

@@ -197,13 +197,15 @@ class Worker:
         return Limits(cpus=granted.cpus, memory_bytes=granted.memory_bytes, pids=pc.pids_limit,
                       timeout_s=self.cfg.executor.task_timeout_s, tmpfs_bytes=pc.tmpfs_mb * 1024 * 1024,
                       network=pc.network == "outbound",
-                      gpu_devices=tuple(f"nvidia.com/gpu={g}" for g in granted.gpus))
+                      gpu_devices=tuple(f"nvidia.com/gpu={g}" for g in granted.gpus),
+                      output_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
 
     def _spawn(self, task_id: str, granted: Resources, archive: bytes | None, *, accepted_at: float,
                handle: TaskHandle | None = None) -> TaskRunner:
         paths = self._dirs.paths(task_id)
         paths.workspace.parent.mkdir(parents=True, exist_ok=True)
-        output = TaskOutput(task_id, paths.output_log, self._on_output_line)
+        output = TaskOutput(task_id, paths.output_log, self._on_output_line,
+                            max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
             task_id, executor=self.executor, paths=paths, archive=archive, limits=self._limits(granted),
             labels={"hivemind.node_id": self.cfg.node_id}, node_id=self.cfg.node_id, rules=self._rules,
@@ -311,7 +313,8 @@ class Worker:
         now = self._clock()
         paths = self._dirs.paths(rec.task_id)
         paths.workspace.parent.mkdir(parents=True, exist_ok=True)
-        output = TaskOutput(rec.task_id, paths.output_log)
+        output = TaskOutput(rec.task_id, paths.output_log,
+                            max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
             rec.task_id, executor=self.executor, paths=paths, archive=None,
             limits=self._limits(rec.granted), labels={}, node_id=self.cfg.node_id, rules=self._rules,
