@@ -44,7 +44,9 @@ class TaskOutput:
         self.truncated = False
         self.dropped_lines = 0
         self.dropped_bytes = 0
-        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._tail: collections.deque[OutputLine] = collections.deque(maxlen=TAIL_LINES)
+        self._stamp_second = -1
+        self._stamp_text = ""
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._dropped = 0
@@ -54,19 +56,37 @@ class TaskOutput:
         self.first_line_at: float | None = None
         self.lines = 0
 
+    def _stamp(self, ts: float) -> str:
+        second = int(ts)
+        if second != self._stamp_second:   # one strftime per second, not per line
+            self._stamp_second = second
+            self._stamp_text = time.strftime("%H:%M:%S", time.localtime(ts))
+        return self._stamp_text
+
+    def _record(self, line: OutputLine) -> str:
+        stamp = self._stamp(line.ts)
+        return f"[{stamp}] {line.text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {line.text}"
+
     def __call__(self, line: OutputLine) -> None:
         text = line.text
-        stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
-        record = f"[{stamp}] {text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {text}"
-        data = (record + "\n").encode("utf-8", errors="replace")
+        if self.truncated:
+            # Past the cap (a flood): count the line and keep it for the tail, nothing else.
+            with self._lock:
+                self.lines += 1
+                self.dropped_lines += 1
+                self.dropped_bytes += len(text) + 12
+                self._tail.append(line)
+            return
         urgent = False
         keep = True
         with self._lock:
+            record = self._record(line)
+            data = (record + "\n").encode("utf-8", errors="replace")
             if self.first_line_at is None and line.stream != "prepare":
                 self.first_line_at = line.ts
                 urgent = True
             self.lines += 1
-            self._tail.append(record)
+            self._tail.append(line)
             if self.truncated or not self._fits(len(data)):
                 self.dropped_lines += 1
                 self.dropped_bytes += len(data)
@@ -75,7 +95,7 @@ class TaskOutput:
                 self.truncated, keep = True, False
                 text = (f"[hivemind: output truncated: the log reached its cap of "
                         f"{self.max_bytes} bytes; later output is not kept]")
-                data = (f"[{stamp}] {text}\n").encode()
+                data = (f"[{self._stamp(line.ts)}] {text}\n").encode()
             if self._fh is not None:
                 self._fh.write(data)
                 self._fh.flush()
@@ -132,7 +152,7 @@ class TaskOutput:
 
     def tail(self, n: int = 50) -> list[str]:
         with self._lock:
-            return list(self._tail)[-n:]
+            return [self._record(line) for line in list(self._tail)[-n:]]
 
     def close(self) -> None:
         with self._lock:
