@@ -22,7 +22,7 @@ import grpc
 
 from hivemind._proto import nodepool_pb2_grpc
 from hivemind.config import ServerConfig
-from hivemind.errors import HivemindError
+from hivemind.errors import StartupError
 from hivemind.server.auth import (
     AuthInterceptor,
     AuthMode,
@@ -41,7 +41,7 @@ EXECUTE_METHOD = "/nodepool.WorkerNodeService/ExecuteTask"
 FRAMING_BYTES = 64 * 1024
 
 
-class ServerStartError(HivemindError):
+class ServerStartError(StartupError):
     """The server could not listen (address in use, bad address); the message says which."""
 
 
