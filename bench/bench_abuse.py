@@ -93,10 +93,10 @@ def _flood(port: int, creds: Any, payload: bytes, calls: int,
 
 def unauthenticated_rss(calls: int, mib: int, log: Callable[[str], None]) -> list[Measurement]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from certs import make_pki
-
     from hivemind._proto import nodepool_pb2
     from hivemind.server import pool_channel_credentials
+
+    from certs import make_pki
 
     payload = nodepool_pb2.ExecuteTaskRequest(task_id="bench-abuse",
                                               task_zip=b"\0" * (mib * MIB)).SerializeToString()
