@@ -196,6 +196,12 @@ class Worker:
             return None, f"no free GPU with at least {memory_gb} GiB of memory"
         return min(free, key=lambda g: (mem.get(g, 0), g)), ""
 
+    def limit_notes(self) -> list[str]:
+        """How disk and output are bounded here, for status (the executor's notes sit beside)."""
+        return [f"disk quota: {self.quota.describe()}",
+                f"output: {self.cfg.executor.max_output_mb} MiB kept per task (output.log and the "
+                "container log), then marked truncated"]
+
     def _limits(self, granted: Resources) -> Limits:
         pc = self.cfg.executor.podman
         return Limits(cpus=granted.cpus, memory_bytes=granted.memory_bytes, pids=pc.pids_limit,
