@@ -151,7 +151,7 @@ class TaskRunner:
         ws.mkdir(parents=True, exist_ok=True)
         if self._quota is not None:
             # Before extraction: the archive's files count toward the quota too.
-            self.quota_info = self._quota.apply(self.task_id, ws)
+            self.quota_info = self._quota.apply(self.task_id, ws, self._mount_namespaces())
         assert self._archive is not None
         extract_task_archive(self._archive, ws, self._rules)
         self._archive = None  # the archive may be hundreds of MB: don't keep it for the whole run
@@ -224,6 +224,11 @@ class TaskRunner:
                 if u is not None:
                     self.usage.add(u)
 
+    def _mount_namespaces(self) -> list[int]:
+        # Rootless Podman's namespace may not see host mounts made after it started.
+        pids = getattr(self._executor, "mount_namespace_pids", None)
+        return list(pids()) if callable(pids) else []
+
     def finish_now(self, result: ExitResult) -> None:
         """Pack and report `result` without running anything (a task reaped after a restart)."""
         self._finish(result)
@@ -253,7 +258,7 @@ class TaskRunner:
             _write_minimal_result(self._paths.result_zip, record, self._paths.output_log)
             truncated = True
         if self._quota is not None:
-            self._quota.release(self.task_id, self._paths.workspace)
+            self._quota.release(self.task_id, self._paths.workspace, self._mount_namespaces())
         shutil.rmtree(self._paths.workspace, ignore_errors=True)
         self._log.info("task %s ended: %s (exit code %s)", self.task_id, result.reason.value,
                        result.exit_code, extra={**self._extra, "event": "task.ended"})

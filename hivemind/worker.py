@@ -310,7 +310,9 @@ class Worker:
                 self.executor.cleanup(orphan)
                 counts["orphans_removed"] += 1
         # Before any task directory is removed: a mounted workspace would be emptied, not freed.
-        self.quota.sweep(self._dirs.tasks_root, keep=live)
+        pids = getattr(self.executor, "mount_namespace_pids", None)
+        self.quota.sweep(self._dirs.tasks_root, keep=live,
+                         namespaces=list(pids()) if callable(pids) else [])
         pending = {tid for tid, _ in self.store.pending_results()}
         for d in self._dirs.tasks_root.iterdir() if self._dirs.tasks_root.exists() else []:
             if d.name not in live and d.name not in pending:

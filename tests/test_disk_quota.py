@@ -131,9 +131,20 @@ def _podman_usable() -> bool:
     return subprocess.run(["podman", "image", "exists", IMAGE]).returncode == 0
 
 
-@pytest.fixture(scope="module", params=["venv", "podman"])
+def _hivemind_user() -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam("hivemind")
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="module", params=["venv", "podman", "podman-rootless"])
 def executor(request: pytest.FixtureRequest) -> Iterator[Executor]:
-    state = Path(tempfile.mkdtemp(prefix="hm-quota-ex-"))
+    # /var/tmp and 0755: the rootless service runs as `hivemind`, which must reach the state.
+    state = Path(tempfile.mkdtemp(prefix="hm-quota-ex-", dir="/var/tmp"))
     state.chmod(0o755)
     node = f"quota-{uuid.uuid4().hex[:8]}"
     try:
@@ -147,6 +158,16 @@ def executor(request: pytest.FixtureRequest) -> Iterator[Executor]:
             pytest.skip("needs root, podman and the task image (images/build)")
         from hivemind.executors.podman import PodmanExecutor
         from hivemind.executors.podman_service import PodmanService
+
+        if request.param == "podman-rootless":
+            if not _hivemind_user():
+                pytest.skip("scripts/setup-podman has not created the hivemind user")
+            rootless = PodmanExecutor(PodmanConfig(mode="rootless"), node, state / "podman", LOG, 60)
+            try:
+                yield rootless
+            finally:
+                rootless.close()
+            return
 
         svc = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(state / "p.sock"))
         svc.ensure()
@@ -185,8 +206,19 @@ def run_task(executor: Executor, base: Path, quota: DiskQuota) -> RunnerResult:
 
 
 @needs_loop
-def test_a_task_past_its_quota_is_stopped_with_reason_disk_quota(executor: Executor,
-                                                                  base: Path) -> None:
+def test_a_task_past_its_quota_is_stopped_with_reason_disk_quota(executor: Executor) -> None:
+    base = Path(tempfile.mkdtemp(prefix="hm-quota-run-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        _quota_run(executor, base)
+    finally:
+        for ws in base.glob("**/workspace"):
+            if os.path.ismount(ws):
+                subprocess.run(["umount", "-l", str(ws)], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _quota_run(executor: Executor, base: Path) -> None:
     quota = DiskQuota(QUOTA, 0, base / "images", LOG)
     result = run_task(executor, base, quota)
     record = result.record

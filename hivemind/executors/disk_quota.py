@@ -28,7 +28,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,7 @@ class DiskQuota:
         self._log = logger
         self._lock = threading.Lock()
         self._active: dict[str, tuple[QuotaInfo, Path]] = {}
+        self._ns_pids: dict[str, list[int]] = {}
         self._loop = self._loop_usable() if loop is None else loop
 
     @staticmethod
@@ -132,8 +133,9 @@ class DiskQuota:
                     promised += max(0, img.st_size - img.st_blocks * 512)
         return free - self.reserve_bytes - promised
 
-    def apply(self, task_id: str, workspace: Path) -> QuotaInfo:
-        """Put the quota on `workspace` (an existing, empty directory). Raises DiskQuotaError
+    def apply(self, task_id: str, workspace: Path, namespaces: Sequence[int] = ()) -> QuotaInfo:
+        """Put the quota on `workspace` (an existing, empty directory), also in the mount
+        namespaces of the processes `namespaces` (rootless Podman's). Raises DiskQuotaError
         when the host has no room for even a small quota beyond its reserve."""
         if not self.quota_bytes:
             return NO_QUOTA
@@ -146,6 +148,7 @@ class DiskQuota:
                     f"the reserve of {self.reserve_bytes // MiB} MiB (executor.disk_reserve_mb)")
             if self._loop:
                 info = self._mount(task_id, workspace, quota)
+                self._ns_pids[task_id] = self._mount_in_namespaces(workspace, namespaces)
             else:
                 info = QuotaInfo(quota, "polling",
                                  f"workspace size polled every {POLL_INTERVAL_S:g} s; a fast "
@@ -226,10 +229,38 @@ class DiskQuota:
         except OSError:
             return False
 
-    def release(self, task_id: str, workspace: Path) -> None:
-        """Unmount and delete the task's filesystem (its files go with it). Idempotent."""
+    def _mount_in_namespaces(self, workspace: Path, pids: Sequence[int]) -> list[int]:
+        """Mount the workspace's loop device again in other mount namespaces where the host
+        mount is not visible (the same filesystem: both views are one)."""
+        source = _mount_source(Path("/proc/self/mountinfo"), workspace)
+        if source is None or not pids:
+            return []
+        ours = os.readlink("/proc/self/ns/mnt")
+        done: list[int] = []
+        for pid in pids:
+            try:
+                if os.readlink(f"/proc/{pid}/ns/mnt") == ours:
+                    continue
+                if _mount_source(Path(f"/proc/{pid}/mountinfo"), workspace) is None:
+                    _run(["nsenter", f"--target={pid}", "--mount", "--", "mount", "-o",
+                          "nosuid,nodev", source, str(workspace)])
+                done.append(pid)
+            except (OSError, DiskQuotaError) as exc:
+                self._log.warning("disk quota mount not visible to process %d: %s", pid, exc)
+        return done
+
+    def release(self, task_id: str, workspace: Path, namespaces: Sequence[int] = ()) -> None:
+        """Unmount and delete the task's filesystem (its files go with it), here and in the
+        mount namespaces it was mounted in (and `namespaces`). Idempotent."""
         with self._lock:
             self._active.pop(task_id, None)
+            pids = set(self._ns_pids.pop(task_id, [])) | set(namespaces)
+        for pid in pids:
+            with contextlib.suppress(OSError, DiskQuotaError):
+                if _mount_source(Path(f"/proc/{pid}/mountinfo"), workspace) is not None \
+                        and os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
+                    _run(["nsenter", f"--target={pid}", "--mount", "--", "umount", "-l",
+                          str(workspace)])
         self._unmount(workspace)
         with contextlib.suppress(FileNotFoundError):
             self._image(task_id).unlink()
@@ -245,15 +276,16 @@ class DiskQuota:
             with contextlib.suppress(DiskQuotaError):
                 _run(["umount", "-l", str(workspace)])
 
-    def sweep(self, tasks_root: Path, keep: Collection[str]) -> list[str]:
-        """Unmount workspaces under `tasks_root` and remove images of tasks not in `keep`
-        (what a crashed worker left); returns the task ids cleaned."""
+    def sweep(self, tasks_root: Path, keep: Collection[str],
+              namespaces: Sequence[int] = ()) -> list[str]:
+        """Unmount workspaces under `tasks_root` (also in `namespaces`) and remove images of
+        tasks not in `keep` (what a crashed worker left); returns the task ids cleaned."""
         cleaned: list[str] = []
         for image in sorted(self._images.glob("*.img")) if self._images.is_dir() else []:
             task_id = image.stem
             if task_id in keep:
                 continue
-            self._unmount(tasks_root / task_id / "workspace")
+            self.release(task_id, tasks_root / task_id / "workspace", namespaces)
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()
             cleaned.append(task_id)
@@ -266,6 +298,17 @@ class DiskQuota:
             self._log.info("removed disk quota filesystems left by an earlier worker: %s",
                            ", ".join(sorted(set(cleaned))))
         return sorted(set(cleaned))
+
+
+def _mount_source(mountinfo: Path, target: Path) -> str | None:
+    """The device mounted on `target` according to a mountinfo file, or None."""
+    want = str(target)
+    with open(mountinfo, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].replace("\\040", " ") == want and " - " in line:
+                return line.split(" - ", 1)[1].split()[1]
+    return None
 
 
 def _run(argv: list[str]) -> None:

@@ -145,6 +145,24 @@ class PodmanExecutor:
     def rootless(self) -> bool:
         return self._service.rootless
 
+    def mount_namespace_pids(self) -> list[int]:
+        """Processes whose mount namespace a workspace mount made on the host must also reach:
+        rootless Podman's pause process. Its namespace copied the host's mounts when it
+        started; where / is not a shared mount (no systemd), later host mounts don't reach it."""
+        if not self.rootless:
+            return []
+        try:
+            self._api()
+            user = self._service.service_user()
+        except (HivemindError, PodmanError):
+            return []
+        if user is None:
+            return []
+        try:
+            return [int(Path(user.runtime_dir, "libpod", "tmp", "pause.pid").read_text().strip())]
+        except (OSError, ValueError):
+            return []
+
     def _api(self) -> PodmanAdapter:
         uri = self._service.ensure()
         with self._lock:
