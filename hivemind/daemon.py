@@ -219,7 +219,8 @@ class Daemon:
         self._install_signals()
         self.worker.start()
         self.worker.recover()
-        self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ)
+        self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ,
+                                          max_archive_mb=self.cfg.archive.max_archive_mb)
         self.view_state.grpc_auth_mode = self.server.mode.value
         self.view_state.pool_tls = self.cfg.pool.tls.enabled
         self.session = PoolSession(self.client, self.node_info, self.node_status, self.task_usage,
