@@ -15,6 +15,9 @@
 - Everything else is read-only for the task: the root mount is remounted read-only in its
   namespace (the workspace, bind-mounted onto itself first, stays writable), so no world-writable
   directory anywhere on the host's root filesystem can carry a file past the task's end.
+- The namespace starts as a copy of the host's mounts: other tasks' workspaces (their quota
+  loop mounts) and Podman's container mounts are lazily unmounted in it, so a running task
+  neither sees them nor keeps them busy for the host.
 - The mounts are made as root inside the namespaces, before setpriv drops to the task's uid;
   nothing of the task runs before that.
 
@@ -30,6 +33,11 @@ import subprocess
 from dataclasses import dataclass
 
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")   # noqa: S108 - the dirs made private
+# Mounts a task has no business with, which its namespace would otherwise keep alive: Podman's
+# container root filesystems and shm (the host could not remove those containers: EBUSY) and
+# network namespaces. Lazily unmounted inside the task's namespace only.
+FOREIGN_MOUNTS = ("*/containers/storage/*", "/var/lib/containers/*", "/run/containers/*",
+                  "/run/netns/*", "/run/user/*")
 _FIRST_FD = 4          # 0-2: exit file, stdout, stderr; 3 is the wrapper's exit-code fd
 
 
@@ -62,9 +70,11 @@ def unshare_argv(*, net: bool) -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount-proc", *(["--net"] if net else []), "--"]
 
 
-def sandbox_init_argv(keep: list[str], tmpfs_bytes: int, writable: str | None = None) -> list[str]:
-    """`sh -c` that mounts the private dirs, restores `keep` paths, makes the root mount
-    read-only except `writable` (one of `keep`), then execs the rest of argv."""
+def sandbox_init_argv(keep: list[str], tmpfs_bytes: int, writable: str | None = None,
+                      hide_under: str | None = None) -> list[str]:
+    """`sh -c` that mounts the private dirs, restores `keep` paths, unmounts foreign mounts
+    (and any under `hide_under` but `keep`), makes the root mount read-only except `writable`
+    (one of `keep`), then execs the rest of argv."""
     fds = [_FIRST_FD + i for i in range(len(keep))]
     lines = ["set -e"]
     if keep:
@@ -75,6 +85,12 @@ def sandbox_init_argv(keep: list[str], tmpfs_bytes: int, writable: str | None = 
         # Hidden by a tmpfs: recreate the path inside it and bind the original back.
         lines.append(f'[ -d "${i + 1}" ] || {{ mkdir -p "${i + 1}"; '
                      f'mount --no-canonicalize --bind /proc/self/fd/{fd} "${i + 1}"; }}')
+    patterns = "|".join([*FOREIGN_MOUNTS, *([f"{hide_under}/*"] if hide_under else [])])
+    own = " ".join(f'"${i + 1}"' for i in range(len(keep))) or '""'
+    lines.append("awk '{print $5}' /proc/self/mountinfo | sort -r | while read -r m; do "
+                 'case "$m" in ' + patterns + ") "
+                 'for k in ' + own + '; do [ "$m" = "$k" ] && continue 2; done; '
+                 'umount -l "$m" 2>/dev/null || :;; esac; done')
     if writable is not None:
         i = keep.index(writable) + 1
         # Its own mount, so the read-only remount of / below leaves it writable.

@@ -333,8 +333,10 @@ class VenvExecutor:
         net = not spec.limits.network and self._netns_works()
         if self._namespaces().pid_mount:
             keep = [str(spec.workspace), str(venv)]
-            argv += unshare_argv(net=net) + sandbox_init_argv(keep, spec.limits.tmpfs_bytes,
-                                                              writable=str(spec.workspace))
+            # Other tasks' dirs sit next to this one (STATE/tasks/ID/workspace).
+            argv += unshare_argv(net=net) + sandbox_init_argv(
+                keep, spec.limits.tmpfs_bytes, writable=str(spec.workspace),
+                hide_under=str(spec.workspace.parent.parent))
         elif net:
             argv += ["unshare", "--net", "--"]
         if user is not None:
