@@ -1,38 +1,63 @@
-"""Task output: each line goes to the task's log file (for the result archive), to a bounded
-in-memory tail (for the status API), and into a batch that is streamed to the pool about once a
-second. A task's first output line is streamed at once instead (dispatch latency is measured to
-it); batching starts after it. A slow or absent pool never blocks a task: batches are bounded and
-the oldest text is dropped from the stream (never from the log file, which the result carries
-whole)."""
+"""Task output: each line goes to the task's log file on disk, to a bounded in-memory tail (for the
+status API), and from the log file to the pool, about once a second. A task's first output line is
+streamed at once instead (dispatch latency is measured to it); batching starts after it.
+
+The log file is the stream's buffer: the streamer sends what lies between the offset the pool has
+acknowledged (persisted next to the log, in `output.acked`) and the end of the file, in order, and
+moves the offset only after the pool said yes. So an outage or a restart loses nothing and sends
+nothing twice (a crash between the pool's answer and the offset's write resends one batch at
+most); a slow pool never blocks a task, it only lets the unsent part grow on disk.
+
+Executors may stamp each line with its position in their own source (`OutputLine.pos`: a byte
+offset or a line count per stream). The last position of each stream is appended to
+`output.pos` with the line, so after a restart an executor resumes right after the last line the
+log holds (`TaskOutput.positions()`), neither skipping nor repeating any.
+"""
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from hivemind import faults
 from hivemind.executors.base import OutputLine
+from hivemind.pool.client import PoolRefused
 
 TAIL_LINES = 200
-PENDING_LIMIT_BYTES = 1024 * 1024
+STAMP_LEN = len("[00:00:00] ")
+# Refusals (the pool answers, but says no: e.g. it forgot the task) before the rest is given up.
+MAX_REFUSALS = 5
+
+
+@dataclass(frozen=True)
+class Batch:
+    text: str          # what the pool gets: the lines without their time stamps
+    end: int           # log offset just past the batch
 
 
 class TaskOutput:
-    """The output of one task. Thread-safe: executors' reader threads call `__call__`."""
+    """The output of one task. Thread-safe: executors' reader threads call `__call__`, the
+    streamer reads batches from the file."""
 
     def __init__(self, task_id: str, log_path: Path, on_line: Callable[[str, OutputLine], None] | None = None) -> None:
         self.task_id = task_id
         self.log_path = log_path
+        self._acked_path = log_path.with_name(log_path.stem + ".acked")
+        self._pos_path = log_path.with_name(log_path.stem + ".pos")
         self._lock = threading.Lock()
-        self._fh: IO[str] | None = log_path.open("a", encoding="utf-8", errors="replace")
+        self._positions = _read_positions(self._pos_path)
+        self._fh: IO[bytes] | None = log_path.open("ab")
+        self._pos_fh: IO[str] | None = None
+        self._size = self._fh.tell()
+        self._acked = min(_read_int(self._acked_path), self._size)
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._pending: list[str] = []
-        self._pending_bytes = 0
-        self._dropped = 0
         self._on_line = on_line
         # Set by the streamer: asks it to flush now (the task's first line must not wait a batch).
         self.on_urgent: Callable[[TaskOutput], None] | None = None
@@ -45,68 +70,132 @@ class TaskOutput:
         record = f"[{stamp}] {text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {text}"
         urgent = False
         with self._lock:
+            if self._fh is None:
+                return
             if self.first_line_at is None and line.stream != "prepare":
                 self.first_line_at = line.ts
                 urgent = True
             self.lines += 1
-            if self._fh is not None:
-                self._fh.write(record + "\n")
-                self._fh.flush()
+            data = (record + "\n").encode("utf-8", errors="replace")
+            self._fh.write(data)
+            self._fh.flush()
+            self._size += len(data)
+            if line.pos >= 0:
+                self._positions[line.stream] = line.pos
+                if self._pos_fh is None:
+                    self._pos_fh = self._pos_path.open("a", encoding="utf-8")
+                self._pos_fh.write(f"{line.stream} {line.pos}\n")
+                self._pos_fh.flush()
             self._tail.append(record)
-            self._pending.append(text + "\n")
-            self._pending_bytes += len(text) + 1
-            while self._pending_bytes > PENDING_LIMIT_BYTES and len(self._pending) > 1:
-                dropped = self._pending.pop(0)
-                self._pending_bytes -= len(dropped)
-                self._dropped += 1
         if urgent and self.on_urgent is not None:
             self.on_urgent(self)
         if self._on_line is not None:
             self._on_line(self.task_id, line)
 
-    def take_batch(self, max_bytes: int) -> str:
-        """Up to max_bytes of text not yet streamed (whole lines unless one line is longer)."""
+    def positions(self) -> dict[str, int]:
+        """Per stream, the executor position of the last line this log holds (see OutputLine.pos)."""
         with self._lock:
-            out: list[str] = []
-            size = 0
-            if self._dropped:
-                out.append(f"[hivemind: {self._dropped} lines not streamed; they are in the result]\n")
-                size += len(out[0])
-                self._dropped = 0
-            while self._pending and (size + len(self._pending[0]) <= max_bytes or not out):
-                item = self._pending.pop(0)
-                if len(item) > max_bytes:
-                    item, rest = item[:max_bytes], item[max_bytes:]
-                    self._pending.insert(0, rest)
-                self._pending_bytes -= len(item)
-                size += len(item)
-                out.append(item)
-            return "".join(out)
+            return dict(self._positions)
 
-    def give_back(self, text: str) -> None:
-        """Put an unsent batch back at the front (the pool call failed)."""
+    # -- the streaming side ----------------------------------------------------------------
+
+    def next_batch(self, max_bytes: int) -> Batch | None:
+        """Whole lines after the acknowledged offset, up to max_bytes (at least one line)."""
         with self._lock:
-            self._pending.insert(0, text)
-            self._pending_bytes += len(text)
+            start, end = self._acked, self._size
+        if end <= start:
+            return None
+        with self.log_path.open("rb") as f:
+            f.seek(start)
+            raw = f.read(min(end - start, max_bytes))
+            if b"\n" not in raw:          # one line longer than max_bytes: send it whole
+                raw += f.readline()
+        cut = raw.rfind(b"\n")
+        if cut < 0:
+            return None                   # a line still being written
+        raw = raw[:cut + 1]
+        text = "".join(_unstamped(ln) for ln in raw.decode("utf-8", errors="replace").splitlines(True))
+        return Batch(text, start + len(raw))
+
+    def ack(self, batch: Batch) -> None:
+        """The pool has everything up to batch.end: persist that (atomic replace, no fsync: it
+        protects against a process crash; a power cut costs at most a resent batch)."""
+        with self._lock:
+            self._acked = max(self._acked, batch.end)
+            acked = self._acked
+        tmp = self._acked_path.with_name(self._acked_path.name + ".tmp")
+        tmp.write_text(str(acked))
+        os.replace(tmp, self._acked_path)
+
+    def skip_rest(self) -> None:
+        """Give up streaming what is left (the pool keeps refusing it); the result still has it."""
+        with self._lock:
+            end = self._size
+        self.ack(Batch("", end))
 
     def has_pending(self) -> bool:
         with self._lock:
-            return bool(self._pending) or self._dropped > 0
+            return self._acked < self._size
+
+    @property
+    def acked(self) -> int:
+        with self._lock:
+            return self._acked
 
     def tail(self, n: int = 50) -> list[str]:
         with self._lock:
             return list(self._tail)[-n:]
 
     def close(self) -> None:
+        """No more lines; the log is flushed to disk (the result is packed from it)."""
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            fh, self._fh = self._fh, None
+            pos_fh, self._pos_fh = self._pos_fh, None
+        if fh is not None:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+        if pos_fh is not None:
+            pos_fh.close()
+
+
+def _unstamped(line: str) -> str:
+    if len(line) >= STAMP_LEN and line[0] == "[" and line[9:11] == "] ":
+        return line[STAMP_LEN:]
+    return line
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return max(0, int(path.read_text().strip() or 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _read_positions(path: Path) -> dict[str, int]:
+    pos: dict[str, int] = {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return pos
+    for row in text.splitlines():
+        stream, _, value = row.partition(" ")
+        if value.isdigit():          # a torn last row (crash mid-write) is skipped
+            pos[stream] = int(value)
+    return pos
+
+
+@dataclass
+class _Followed:
+    out: TaskOutput
+    then: Callable[[], None] | None = None   # set by finish(): called once everything is sent
+    refusals: int = 0
 
 
 class OutputStreamer:
-    """One thread that flushes every task's pending output to the pool at a fixed interval, and a
-    task's output at once when it asks (its first line)."""
+    """One thread that sends every task's unacknowledged output to the pool at a fixed interval,
+    and a task's output at once when it asks (its first line). A finished task is followed until
+    the pool has all of its output; then its `then` callback (the result upload) runs."""
 
     def __init__(self, send: Callable[[str, str], None], interval_s: float, batch_max_bytes: int,
                  logger: logging.Logger) -> None:
@@ -114,7 +203,7 @@ class OutputStreamer:
         self._interval = interval_s
         self._batch = batch_max_bytes
         self._log = logger
-        self._outputs: dict[str, TaskOutput] = {}
+        self._followed: dict[str, _Followed] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -127,7 +216,7 @@ class OutputStreamer:
 
     def add(self, out: TaskOutput) -> None:
         with self._lock:
-            self._outputs[out.task_id] = out
+            self._followed[out.task_id] = _Followed(out)
         out.on_urgent = self._flush_soon
 
     def _flush_soon(self, out: TaskOutput) -> None:
@@ -136,36 +225,55 @@ class OutputStreamer:
             self._urgent.append(out)
         self._wake.set()
 
-    def finish(self, task_id: str, timeout: float = 5.0) -> None:
-        """Flush what's left of a task's output, then stop following it."""
+    def finish(self, task_id: str, then: Callable[[], None] | None = None) -> None:
+        """The task has ended: send the rest of its output, then call `then` (from the streamer
+        thread), however long the pool takes to come back. Never blocks."""
         with self._lock:
-            out = self._outputs.get(task_id)
-        deadline = time.monotonic() + timeout
-        while out is not None and out.has_pending() and time.monotonic() < deadline:
-            if not self._flush_one(out):
-                break
+            f = self._followed.get(task_id)
+            if f is not None:
+                f.then = then or (lambda: None)
+        if f is None and then is not None:
+            then()
+            return
+        self._wake.set()
+
+    def following(self) -> list[str]:
         with self._lock:
-            self._outputs.pop(task_id, None)
+            return list(self._followed)
 
     def flush_all(self) -> None:
         with self._lock:
-            outputs = list(self._outputs.values())
-        for out in outputs:
-            self._flush_one(out)
+            followed = list(self._followed.values())
+        for f in followed:
+            while self._flush_one(f) and f.then is not None and f.out.has_pending():
+                pass   # a finished task's backlog goes out whole, batch after batch
+            if f.then is not None and not f.out.has_pending():
+                with self._lock:
+                    self._followed.pop(f.out.task_id, None)
+                f.then()
 
-    def _flush_one(self, out: TaskOutput) -> bool:
-        text = out.take_batch(self._batch)
-        if not text:
+    def _flush_one(self, f: _Followed) -> bool:
+        out = f.out
+        batch = out.next_batch(self._batch)
+        if batch is None:
             return True
         try:
-            self._send(out.task_id, text)
-            return True
-        except Exception as exc:  # the pool may be down; the text goes back and is retried
-            out.give_back(text)
+            self._send(out.task_id, batch.text)
+        except Exception as exc:  # the pool may be down; the offset stays, the batch is resent
             self.failures += 1
             self._log.debug("output upload for %s failed: %s", out.task_id, exc,
                             extra={"task_id": out.task_id, "event": "output.upload_failed"})
+            if isinstance(exc, PoolRefused):
+                f.refusals += 1
+                if f.refusals >= MAX_REFUSALS:
+                    self._log.warning("the pool refused the output of %s %d times; the rest is "
+                                      "only in the result", out.task_id, f.refusals,
+                                      extra={"task_id": out.task_id, "event": "output.given_up"})
+                    out.skip_rest()
             return False
+        out.ack(batch)
+        faults.hit("output_streamed", out.task_id)
+        return True
 
     def _loop(self) -> None:
         next_round = time.monotonic() + self._interval
@@ -177,9 +285,12 @@ class OutputStreamer:
                 return
             with self._lock:
                 urgent, self._urgent = self._urgent, []
-            for out in urgent:
-                self._flush_one(out)
-            if time.monotonic() >= next_round:
+                ending = any(f.then is not None for f in self._followed.values())
+                by_id = {t: self._followed.get(t.task_id) for t in urgent}
+            for f in by_id.values():
+                if f is not None:
+                    self._flush_one(f)
+            if ending or time.monotonic() >= next_round:
                 self.flush_all()
                 next_round = time.monotonic() + self._interval
 

@@ -1,0 +1,217 @@
+"""Nothing accepted is lost: the worker is SIGKILLed at each named fault point of a task's life
+(hivemind.faults), on both executors, then restarted on the same state directory; the test then
+checks what the development pool received over real gRPC.
+
+For every point: exactly one result (two identical uploads only where the kill falls between the
+pool's acknowledgement and the worker recording it: the protocol has no idempotency key), the
+task's real files and exit code, the output at the pool exactly as printed (no line missing, none
+repeated), the task ran once, and nothing leaked (task processes, containers, reservations, task
+files, the Podman API service the worker started).
+
+One worker lifetime per point, shared pool: each kill costs one restart. Plus: the pool away
+while a task prints its last lines and ends (every line still reaches the pool, before the result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hivemind.faults import ENV as FAULTS_ENV
+
+from e2e import (
+    WorkerProc,
+    free_port,
+    make_pool,
+    result_of,
+    upload,
+    wait_for,
+    write_worker_config,
+)
+
+POINTS = ["accepted_before_persist", "archive_persisted", "preparing", "running",
+          "output_streamed", "task_exited", "result_packed", "result_pending",
+          "upload_in_flight", "upload_acknowledged"]
+
+LINES = ["start", *[f"line-{i}" for i in range(6)], "end"]
+TASK = {"main.py": (
+    "import time\n"
+    "print('start', flush=True)\n"
+    "for i in range(6):\n"
+    "    print(f'line-{i}', flush=True)\n"
+    "    time.sleep(0.3)\n"
+    "open('out.txt', 'w').write('made by the task\\n')\n"
+    "print('end', flush=True)\n")}
+EXPECTED_OUTPUT = "".join(f"{line}\n" for line in LINES)
+
+EXECUTORS = {
+    "venv": {"kind": "venv"},
+    "podman": {"kind": "podman", "podman": {"mode": "rootless"}},
+}
+
+
+def podman_services() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [])[:3] == ["podman", "system", "service"]}
+
+
+def task_env_processes(task_id: str) -> list[int]:
+    """Processes the venv executor started for `task_id` (it marks them in their environment)."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("HIVEMIND_TASK_ID") == task_id:
+                found.append(p.pid)
+    return found
+
+
+def task_containers(task_id: str) -> list[str]:
+    cmd = ["runuser", "-u", "hivemind", "--", "podman", "ps", "-a", "--filter",
+           f"label=hivemind.task_id={task_id}", "--format", "{{.Names}}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    return [line for line in out.stdout.splitlines() if line]
+
+
+def status(w: WorkerProc) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory):
+    p = make_pool(tmp_path_factory.mktemp("spool"))
+    yield p
+    p.stop()
+
+
+def _wait_up(w: WorkerProc) -> None:
+    wait_for(lambda: _answers(w) or (not w.alive() and _died(w)), 90, "the worker's status API")
+
+
+def _answers(w: WorkerProc) -> bool:
+    try:
+        status(w)
+        return True
+    except OSError:
+        return False
+
+
+def _died(w: WorkerProc) -> bool:
+    raise AssertionError(f"worker died:\n{w.log()[-4000:]}")
+
+
+@pytest.mark.parametrize("executor", [
+    "venv", pytest.param("podman", marks=pytest.mark.podman)])
+def test_kill_at_every_fault_point_loses_nothing(tmp_path: Path, pool, executor: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    ids = {point: f"df-{executor}-{point.replace('_', '-')}-{run}" for point in POINTS}
+    w = write_worker_config(tmp_path, pool.address, EXECUTORS[executor])
+    w.env = {FAULTS_ENV: ",".join(f"{point}@{tid}=kill" for point, tid in ids.items())}
+    services_before = podman_services()
+    problems: list[str] = []
+    try:
+        w.start()
+        _wait_up(w)
+        for point, tid in ids.items():
+            upload(pool, TASK, tid)
+            wait_for(lambda: not w.alive(), 120, f"the worker to be killed at {point}")
+            assert w.proc is not None and w.proc.returncode == -9, (point, w.proc.returncode)
+            assert f"FAULT {point} task={tid} kill" in w.log(), point
+            if executor == "podman":
+                # A service the killed worker started outlives it; the next worker must own it.
+                assert podman_services() - services_before, "no podman service to adopt?"
+            w.start()
+            _wait_up(w)
+            problems += check_delivered(w, pool, tid, point, executor)
+        st = status(w)
+        assert st["slots"]["used"] == 0 and st["resources"]["cpu"]["allocated"] == 0, st
+    finally:
+        rc = w.terminate() if w.alive() else None
+        log = w.log()
+    assert rc == 0, f"worker exited with {rc}:\n{log[-3000:]}"
+    assert not problems, "\n".join(problems)
+    leaked_services = podman_services() - services_before
+    assert not leaked_services, f"podman services left behind: {leaked_services}"
+    assert not (w.state_dir / "podman-service.json").exists()
+    with contextlib.suppress(OSError):
+        import shutil
+
+        shutil.rmtree(w.state_dir)
+
+
+def check_delivered(w: WorkerProc, pool, tid: str, point: str, executor: str) -> list[str]:
+    """What the pool got for the task killed at `point`; returns what is wrong, with the point."""
+    z = result_of(pool, tid, timeout=120)
+    # The task's files go only once the pool acknowledged the result: wait for that.
+    wait_for(lambda: not (w.state_dir / "tasks" / tid).exists(), 60,
+             f"{point}: the task's files removed after delivery")
+    t = pool.task(tid)
+    assert t is not None
+    wrong = []
+    record = json.loads(z.read("_hivemind/execution.json"))
+    if (record["reason"], record["exit_code"]) != ("exited", 0):
+        wrong.append(f"{point}: result {record['reason']} / {record['exit_code']}: {record['message']}")
+    if "out.txt" not in z.namelist() or z.read("out.txt") != b"made by the task\n":
+        wrong.append(f"{point}: the task's file is missing from the result")
+    if t.output != EXPECTED_OUTPUT:
+        wrong.append(f"{point}: pool output {t.output!r}, expected {EXPECTED_OUTPUT!r}")
+    logged = [line.split("] ", 1)[1] for line in z.read("_hivemind/output.log").decode().splitlines()]
+    if logged != LINES:
+        wrong.append(f"{point}: output.log in the result holds {logged!r}")
+    uploads = 2 if point == "upload_acknowledged" else 1
+    if t.result_uploads != uploads:
+        wrong.append(f"{point}: the pool stored {t.result_uploads} results, expected {uploads}")
+    if t.execute_calls > (2 if point in ("accepted_before_persist", "archive_persisted") else 1):
+        wrong.append(f"{point}: {t.execute_calls} ExecuteTask calls")
+    left = task_env_processes(tid) if executor == "venv" else task_containers(tid)
+    if left:
+        wrong.append(f"{point}: left behind: {left}")
+    return wrong
+
+
+def test_pool_away_during_the_last_lines(tmp_path: Path) -> None:
+    """The task prints its last lines and ends while the pool is unreachable: once the pool is
+    back, every line reaches it, in order and once, before the result."""
+    pool = make_pool(tmp_path / "spool", port=free_port())
+    w = write_worker_config(tmp_path, pool.address, {"kind": "venv"})
+    tid = f"away-lines-{uuid.uuid4().hex[:8]}"
+    files = {"main.py": (
+        "import time, pathlib\n"
+        "print('before the outage', flush=True)\n"
+        "while not pathlib.Path('go').exists():\n"
+        "    time.sleep(0.05)\n"
+        "for i in range(30):\n"
+        "    print(f'during {i}', flush=True)\n")}
+    expected = "before the outage\n" + "".join(f"during {i}\n" for i in range(30))
+    try:
+        w.start()
+        wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()), 90,
+                 "registration")
+        upload(pool, files, tid)
+        wait_for(lambda: (x := pool.task(tid)) and "before the outage" in x.output, 60, "the first line")
+        pool.stop()
+        (w.state_dir / "tasks" / tid / "workspace" / "go").write_text("")
+        # The task ends during the outage; the worker keeps its output and result on disk.
+        wait_for(lambda: (w.state_dir / "tasks" / tid / "result.zip").exists(), 60, "the task's end")
+        time.sleep(2)                # a few failed rounds of output and result uploads
+        assert w.alive()
+        pool.start()
+        z = result_of(pool, tid, timeout=90)
+        t = pool.task(tid)
+        assert t is not None and t.output == expected, t.output if t else None
+        assert json.loads(z.read("_hivemind/execution.json"))["exit_code"] == 0
+    finally:
+        rc = w.terminate()
+        pool.stop()
+        import shutil
+
+        shutil.rmtree(w.state_dir, ignore_errors=True)
+    assert rc == 0
