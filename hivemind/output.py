@@ -124,8 +124,11 @@ class TaskOutput:
             self._acked = max(self._acked, batch.end)
             acked = self._acked
         tmp = self._acked_path.with_name(self._acked_path.name + ".tmp")
-        tmp.write_text(str(acked))
-        os.replace(tmp, self._acked_path)
+        try:
+            tmp.write_text(str(acked))
+            os.replace(tmp, self._acked_path)
+        except OSError:
+            pass   # the task's directory is gone (result delivered meanwhile): nothing to resume
 
     def skip_rest(self) -> None:
         """Give up streaming what is left (the pool keeps refusing it); the result still has it."""
@@ -254,7 +257,13 @@ class OutputStreamer:
 
     def _flush_one(self, f: _Followed) -> bool:
         out = f.out
-        batch = out.next_batch(self._batch)
+        try:
+            batch = out.next_batch(self._batch)
+        except OSError as exc:   # the log is gone (a reaped task's dir): nothing left to send
+            self._log.warning("output log of %s unreadable: %s", out.task_id, exc,
+                              extra={"task_id": out.task_id, "event": "output.unreadable"})
+            out.skip_rest()
+            return True
         if batch is None:
             return True
         try:

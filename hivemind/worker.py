@@ -88,6 +88,7 @@ class Worker:
         self._on_event = on_event
         self._rules = ArchiveRules.from_config(cfg.archive)
         self._runners: dict[str, TaskRunner] = {}
+        self._answered: dict[str, float] = {}   # last "already running" answer per task
         self._finished: collections.OrderedDict[str, RunnerResult] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.draining = False
@@ -148,6 +149,10 @@ class Worker:
         if not adm.ok:
             rec = self.lifecycle.get(task_id)
             if adm.duplicate and rec is not None and rec.state in ACTIVE:
+                # The pool marks the task RUNNING once this answer arrives, over a result it
+                # may already hold: the result waits for the same delay after this answer too.
+                with self._lock:
+                    self._answered[task_id] = self._clock()
                 return Decision(True, f"task {task_id} is already running here")
             self._log.info("task %s not admitted: %s", task_id, adm.reason,
                            extra={"task_id": task_id, "event": "task.not_admitted"})
@@ -282,9 +287,10 @@ class Worker:
             self._finished[task_id] = res
             while len(self._finished) > 200:
                 self._finished.popitem(last=False)
+            answered = self._answered.pop(task_id, 0.0)
         self._on_event("task_finished", {"task_id": task_id, "duration": (res.exit.finished_at or 0) - (res.exit.started_at or 0),
                                          "record": res.record})
-        not_before = rec.accepted_at + self.cfg.pool.result_min_delay_s
+        not_before = max(rec.accepted_at, answered) + self.cfg.pool.result_min_delay_s
         # The output's rest reaches the pool before the result, however long the pool is away.
         self.streamer.finish(task_id, then=lambda: self.uploader.submit(
             PendingResult(task_id, res.result_zip, not_before)))

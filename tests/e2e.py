@@ -74,10 +74,11 @@ class WorkerProc:
 
 
 def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], *,
-                        extra: dict[str, Any] | None = None) -> WorkerProc:
+                        extra: dict[str, Any] | None = None,
+                        state_prefix: str = "hivemind-e2e-") -> WorkerProc:
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
     # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
-    state = Path(tempfile.mkdtemp(prefix="hivemind-e2e-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix=state_prefix, dir="/var/tmp"))
     state.chmod(0o711)
     (tmp / "state-dir").write_text(str(state))
     pw = tmp / "pool-password"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -51,6 +52,10 @@ TASK = {"main.py": (
     "open('out.txt', 'w').write('made by the task\\n')\n"
     "print('end', flush=True)\n")}
 EXPECTED_OUTPUT = "".join(f"{line}\n" for line in LINES)
+
+# Not conftest's hivemind-e2e-*: a parallel test run's cleanup fixture removes those it didn't see
+# before it started, and these tests run long enough to overlap one.
+STATE_PREFIX = "hivemind-durability-"
 
 EXECUTORS = {
     "venv": {"kind": "venv"},
@@ -113,14 +118,19 @@ def _died(w: WorkerProc) -> bool:
 def test_kill_at_every_fault_point_loses_nothing(tmp_path: Path, pool, executor: str) -> None:
     run = uuid.uuid4().hex[:8]
     ids = {point: f"df-{executor}-{point.replace('_', '-')}-{run}" for point in POINTS}
-    w = write_worker_config(tmp_path, pool.address, EXECUTORS[executor])
-    w.env = {FAULTS_ENV: ",".join(f"{point}@{tid}=kill" for point, tid in ids.items())}
+    w = write_worker_config(tmp_path, pool.address, EXECUTORS[executor], state_prefix=STATE_PREFIX)
+
+    def arm(points: list[str]) -> None:
+        # Each point fires once: a restarted worker is armed only with the points still ahead.
+        w.env = {FAULTS_ENV: ",".join(f"{p}@{ids[p]}=kill" for p in points)}
+
+    arm(POINTS)
     services_before = podman_services()
     problems: list[str] = []
     try:
         w.start()
         _wait_up(w)
-        for point, tid in ids.items():
+        for i, (point, tid) in enumerate(ids.items()):
             upload(pool, TASK, tid)
             wait_for(lambda: not w.alive(), 120, f"the worker to be killed at {point}")
             assert w.proc is not None and w.proc.returncode == -9, (point, w.proc.returncode)
@@ -128,23 +138,26 @@ def test_kill_at_every_fault_point_loses_nothing(tmp_path: Path, pool, executor:
             if executor == "podman":
                 # A service the killed worker started outlives it; the next worker must own it.
                 assert podman_services() - services_before, "no podman service to adopt?"
+            arm(POINTS[i + 1:])
             w.start()
             _wait_up(w)
             problems += check_delivered(w, pool, tid, point, executor)
         st = status(w)
         assert st["slots"]["used"] == 0 and st["resources"]["cpu"]["allocated"] == 0, st
+        rc = w.terminate()
+        assert rc == 0, f"worker exited with {rc}:\n{w.log()[-3000:]}"
+        assert not problems, "\n".join(problems)
+        # The API service the first worker started, adopted by each successor, ends with the last.
+        leaked_services = podman_services() - services_before
+        assert not leaked_services, f"podman services left behind: {leaked_services}"
+        assert not (w.state_dir / "podman-service.json").exists()
     finally:
-        rc = w.terminate() if w.alive() else None
-        log = w.log()
-    assert rc == 0, f"worker exited with {rc}:\n{log[-3000:]}"
-    assert not problems, "\n".join(problems)
-    leaked_services = podman_services() - services_before
-    assert not leaked_services, f"podman services left behind: {leaked_services}"
-    assert not (w.state_dir / "podman-service.json").exists()
-    with contextlib.suppress(OSError):
-        import shutil
-
-        shutil.rmtree(w.state_dir)
+        if w.alive():
+            w.kill9()
+        for pid in podman_services() - services_before:   # only if the assertion above failed
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).terminate()
+        shutil.rmtree(w.state_dir, ignore_errors=True)
 
 
 def check_delivered(w: WorkerProc, pool, tid: str, point: str, executor: str) -> list[str]:
@@ -161,16 +174,19 @@ def check_delivered(w: WorkerProc, pool, tid: str, point: str, executor: str) ->
         wrong.append(f"{point}: result {record['reason']} / {record['exit_code']}: {record['message']}")
     if "out.txt" not in z.namelist() or z.read("out.txt") != b"made by the task\n":
         wrong.append(f"{point}: the task's file is missing from the result")
-    if t.output != EXPECTED_OUTPUT:
-        wrong.append(f"{point}: pool output {t.output!r}, expected {EXPECTED_OUTPUT!r}")
-    logged = [line.split("] ", 1)[1] for line in z.read("_hivemind/output.log").decode().splitlines()]
+    # The first task of a fresh state dir builds the venv: its "(prepare)" lines come first.
+    streamed = "".join(ln for ln in t.output.splitlines(True) if not ln.startswith("(prepare)"))
+    if streamed != EXPECTED_OUTPUT:
+        wrong.append(f"{point}: pool output {streamed!r}, expected {EXPECTED_OUTPUT!r}")
+    logged = [line.split("] ", 1)[1] for line in z.read("_hivemind/output.log").decode().splitlines()
+              if "] (prepare) " not in line]
     if logged != LINES:
         wrong.append(f"{point}: output.log in the result holds {logged!r}")
     uploads = 2 if point == "upload_acknowledged" else 1
     if t.result_uploads != uploads:
         wrong.append(f"{point}: the pool stored {t.result_uploads} results, expected {uploads}")
-    if t.execute_calls > (2 if point in ("accepted_before_persist", "archive_persisted") else 1):
-        wrong.append(f"{point}: {t.execute_calls} ExecuteTask calls")
+    # Ran once: ExecuteTask may have been tried again (an answer the kill cut off leaves the task
+    # queued at the pool), but the task printed "start" once, at the pool and in its own log.
     left = task_env_processes(tid) if executor == "venv" else task_containers(tid)
     if left:
         wrong.append(f"{point}: left behind: {left}")
@@ -181,7 +197,7 @@ def test_pool_away_during_the_last_lines(tmp_path: Path) -> None:
     """The task prints its last lines and ends while the pool is unreachable: once the pool is
     back, every line reaches it, in order and once, before the result."""
     pool = make_pool(tmp_path / "spool", port=free_port())
-    w = write_worker_config(tmp_path, pool.address, {"kind": "venv"})
+    w = write_worker_config(tmp_path, pool.address, {"kind": "venv"}, state_prefix=STATE_PREFIX)
     tid = f"away-lines-{uuid.uuid4().hex[:8]}"
     files = {"main.py": (
         "import time, pathlib\n"
@@ -211,7 +227,5 @@ def test_pool_away_during_the_last_lines(tmp_path: Path) -> None:
     finally:
         rc = w.terminate()
         pool.stop()
-        import shutil
-
         shutil.rmtree(w.state_dir, ignore_errors=True)
     assert rc == 0
