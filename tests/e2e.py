@@ -27,6 +27,10 @@ WORKER_PASSWORD = "worker-pw-e2e-7f3a9c"
 DEV_PASSWORD = "dev-pw-e2e-51b2"
 
 
+# Every state directory write_worker_config made in this process (conftest removes them).
+STATE_DIRS: list[Path] = []
+
+
 def make_pool(spool: Path, port: int = 0) -> DevPool:
     pool = DevPool("127.0.0.1", port, users={"dev": DEV_PASSWORD, "worker": WORKER_PASSWORD},
                    dispatch_interval_s=0.2, spool_dir=spool)
@@ -79,6 +83,7 @@ def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], 
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
     # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
     state = Path(tempfile.mkdtemp(prefix=state_prefix, dir="/var/tmp"))
+    STATE_DIRS.append(state)
     state.chmod(0o711)
     (tmp / "state-dir").write_text(str(state))
     pw = tmp / "pool-password"

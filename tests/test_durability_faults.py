@@ -52,8 +52,8 @@ TASK = {"main.py": (
     "print('end', flush=True)\n")}
 EXPECTED_OUTPUT = "".join(f"{line}\n" for line in LINES)
 
-# Not conftest's hivemind-e2e-*: a parallel test run's cleanup fixture removes those it didn't see
-# before it started, and these tests run long enough to overlap one.
+# Not hivemind-e2e-*: older checkouts' conftest removed every such dir it hadn't seen before, also
+# under another run's live workers, and these tests run long enough to overlap such a run.
 STATE_PREFIX = "hivemind-durability-"
 
 EXECUTORS = {
