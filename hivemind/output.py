@@ -211,6 +211,9 @@ class OutputStreamer:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._urgent: list[TaskOutput] = []
+        # One sender at a time (the loop, and flush_all from the daemon's shutdown): two would
+        # read the same batch from the same acknowledged offset and send it twice.
+        self._send_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="output-streamer", daemon=True)
         self.failures = 0
 
@@ -245,6 +248,10 @@ class OutputStreamer:
             return list(self._followed)
 
     def flush_all(self) -> None:
+        with self._send_lock:
+            self._flush_all()
+
+    def _flush_all(self) -> None:
         with self._lock:
             followed = list(self._followed.values())
         for f in followed:
@@ -296,12 +303,13 @@ class OutputStreamer:
                 urgent, self._urgent = self._urgent, []
                 ending = any(f.then is not None for f in self._followed.values())
                 by_id = {t: self._followed.get(t.task_id) for t in urgent}
-            for f in by_id.values():
-                if f is not None:
-                    self._flush_one(f)
-            if ending or time.monotonic() >= next_round:
-                self.flush_all()
-                next_round = time.monotonic() + self._interval
+            with self._send_lock:
+                for f in by_id.values():
+                    if f is not None:
+                        self._flush_one(f)
+                if ending or time.monotonic() >= next_round:
+                    self._flush_all()
+                    next_round = time.monotonic() + self._interval
 
     def stop(self) -> None:
         self._stop.set()
