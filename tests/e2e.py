@@ -127,7 +127,8 @@ def _raise(w: WorkerProc) -> bool:
     raise AssertionError(f"worker died:\n{w.log()[-4000:]}")
 
 
-def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1) -> None:
+def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1,
+           cpu_score: int = 0) -> None:
     """Queue a task in the pool through its real gRPC API, as a user would."""
     import grpc
 
@@ -139,7 +140,8 @@ def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb
         token = pbg.UserServiceStub(ch).Login(pb.LoginRequest(username="dev", password=DEV_PASSWORD)).token
         md = [("authorization", f"Bearer {token}")]
         resp = pbg.MasterNodeServiceStub(ch).UploadTask(
-            pb.UploadTaskRequest(task_id=task_id, task_zip=data, memory_gb=memory_gb, token=token), metadata=md)
+            pb.UploadTaskRequest(task_id=task_id, task_zip=data, memory_gb=memory_gb, cpu_score=cpu_score,
+                                 token=token), metadata=md)
         assert resp.success, resp.message
 
 

@@ -231,3 +231,39 @@ def test_pool_away_during_the_last_lines(tmp_path: Path) -> None:
         pool.stop()
         shutil.rmtree(w.state_dir, ignore_errors=True)
     assert rc == 0
+
+
+def node_status(pool) -> str:
+    return next((n.status for n in pool.nodes() if n.node_id == "e2e-node"), "")
+
+
+def test_busy_while_a_default_request_would_not_fit(tmp_path: Path) -> None:
+    """Idle means a default request (one core) fits: with a task holding all but half a core,
+    the pool sees the node as Busy although a slot and memory are free; Idle again after."""
+    pool = make_pool(tmp_path / "spool")
+    w = write_worker_config(tmp_path, pool.address, {"kind": "venv", "slots": 4},
+                            state_prefix=STATE_PREFIX)
+    tid = f"most-cores-{uuid.uuid4().hex[:8]}"
+    try:
+        w.start()
+        node = wait_for(lambda: next((n for n in pool.nodes() if n.node_id == "e2e-node"
+                                      and n.status == "Idle"), None), 90, "registration")
+        per_core = node.cpu_score / node.cpu_cores
+        # All cores but half a one (the quota is rounded up to 0.01 core).
+        score = int(per_core * (node.cpu_cores - 0.5))
+        files = {"main.py": ("import pathlib, time\nprint('holding', flush=True)\n"
+                             "while not pathlib.Path('go').exists():\n    time.sleep(0.05)\n")}
+        upload(pool, files, tid, cpu_score=score)
+        wait_for(lambda: (x := pool.task(tid)) and "holding" in x.output, 60, "the task to run")
+        st = status(w)
+        assert st["slots"]["used"] == 1 and st["slots"]["total"] == 4
+        assert 0 < st["resources"]["cpu"]["free"] < 1, st["resources"]["cpu"]
+        wait_for(lambda: node_status(pool) == "Busy", 30, "Busy at the pool")
+        (w.state_dir / "tasks" / tid / "workspace" / "go").write_text("")
+        result_of(pool, tid, timeout=60)
+        wait_for(lambda: node_status(pool) == "Idle", 30, "Idle again")
+    finally:
+        rc = w.terminate()
+        pool.stop()
+        shutil.rmtree(w.state_dir, ignore_errors=True)
+    assert rc == 0
