@@ -52,10 +52,10 @@ class TaskOutput:
         self._acked_path = log_path.with_name(log_path.stem + ".acked")
         self._pos_path = log_path.with_name(log_path.stem + ".pos")
         self._lock = threading.Lock()
-        self._positions = _read_positions(self._pos_path)
         self._fh: IO[bytes] | None = log_path.open("ab")
         self._pos_fh: IO[str] | None = None
         self._size = self._fh.tell()
+        self._positions = _read_positions(self._pos_path, self._size)
         self._acked = min(_read_int(self._acked_path), self._size)
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._on_line = on_line
@@ -77,15 +77,18 @@ class TaskOutput:
                 urgent = True
             self.lines += 1
             data = (record + "\n").encode("utf-8", errors="replace")
-            self._fh.write(data)
-            self._fh.flush()
-            self._size += len(data)
             if line.pos >= 0:
+                # The position first, naming where the log will end with this line: a crash
+                # between the two writes leaves a record past the log's end, which reopening
+                # ignores, so the executor sends that line again and the log gets it once.
                 self._positions[line.stream] = line.pos
                 if self._pos_fh is None:
                     self._pos_fh = self._pos_path.open("a", encoding="utf-8")
-                self._pos_fh.write(f"{line.stream} {line.pos}\n")
+                self._pos_fh.write(f"{line.stream} {line.pos} {self._size + len(data)}\n")
                 self._pos_fh.flush()
+            self._fh.write(data)
+            self._fh.flush()
+            self._size += len(data)
             self._tail.append(record)
         if urgent and self.on_urgent is not None:
             self.on_urgent(self)
@@ -175,16 +178,19 @@ def _read_int(path: Path) -> int:
         return 0
 
 
-def _read_positions(path: Path) -> dict[str, int]:
+def _read_positions(path: Path, log_size: int) -> dict[str, int]:
+    """Per stream, the last position whose line the log really holds (rows: stream pos log_end)."""
     pos: dict[str, int] = {}
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return pos
     for row in text.splitlines():
-        stream, _, value = row.partition(" ")
-        if value.isdigit():          # a torn last row (crash mid-write) is skipped
-            pos[stream] = int(value)
+        parts = row.split(" ")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            continue                 # a torn last row (crash mid-write)
+        if int(parts[2]) <= log_size:
+            pos[parts[0]] = int(parts[1])
     return pos
 
 

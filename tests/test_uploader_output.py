@@ -161,7 +161,9 @@ def test_acknowledged_offset_survives_a_new_taskoutput(tmp_path: Path) -> None:
     assert b is not None and b.text == "one\ntwo\n"
     out.ack(b)
     out(OutputLine(time.time(), "stdout", "three", pos=10))
-    # no close(): the process died
+    # no close(): the process died, here between the position record and the log line of "x"
+    with (tmp_path / "output.pos").open("a") as f:
+        f.write(f"stdout 99 {(tmp_path / 'output.log').stat().st_size + 13}\n")
     again = TaskOutput("t1", tmp_path / "output.log")
     assert again.positions() == {"stdout": 10, "stderr": 1}
     rest = again.next_batch(1024)
