@@ -9,9 +9,14 @@ nothing twice (a crash between the pool's answer and the offset's write resends 
 most); a slow pool never blocks a task, it only lets the unsent part grow on disk.
 
 Executors may stamp each line with its position in their own source (`OutputLine.pos`: a byte
-offset or a line count per stream). The last position of each stream is appended to
-`output.pos` with the line, so after a restart an executor resumes right after the last line the
-log holds (`TaskOutput.positions()`), neither skipping nor repeating any.
+offset or a line count per stream). The last position of each stream is written to `output.pos`
+with the line, so after a restart an executor resumes right after the last line the log holds
+(`TaskOutput.positions()`), neither skipping nor repeating any.
+
+The log file is the one copy of a task's output on disk, and it is capped (`max_bytes`,
+executor.max_output_mb): past the cap a marker line says so, later lines are counted but kept
+nowhere (not in the file, not in the stream, not in the journal), and `summary()` reports it for
+the task record. Only the in-memory tail goes on following the task.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from hivemind.pool.client import PoolRefused
 
 TAIL_LINES = 200
 STAMP_LEN = len("[00:00:00] ")
+# Room kept under the cap for the marker line, so the file never passes the cap.
+MARKER_RESERVE_BYTES = 256
 # Refusals (the pool answers, but says no: e.g. it forgot the task) before the rest is given up.
 MAX_REFUSALS = 5
 
@@ -44,68 +51,107 @@ class Batch:
 
 class TaskOutput:
     """The output of one task. Thread-safe: executors' reader threads call `__call__`, the
-    streamer reads batches from the file."""
+    streamer reads batches from the file. `max_bytes` caps the log file (0: no cap)."""
 
-    def __init__(self, task_id: str, log_path: Path, on_line: Callable[[str, OutputLine], None] | None = None) -> None:
+    def __init__(self, task_id: str, log_path: Path, on_line: Callable[[str, OutputLine], None] | None = None,
+                 max_bytes: int = 0) -> None:
         self.task_id = task_id
         self.log_path = log_path
+        self.max_bytes = max_bytes
         self._acked_path = log_path.with_name(log_path.stem + ".acked")
-        self._pos_path = log_path.with_name(log_path.stem + ".pos")
         self._lock = threading.Lock()
         self._fh: IO[bytes] | None = log_path.open("ab")
-        self._pos_fh: IO[str] | None = None
-        self._size = self._fh.tell()
-        self._positions = _read_positions(self._pos_path, self._size)
-        self._acked = min(_read_int(self._acked_path), self._size)
-        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        # A restarted worker appends to what an earlier one wrote: that counts toward the cap.
+        self.bytes_written = self._fh.tell()
+        self._positions = _Positions(log_path.with_name(log_path.stem + ".pos"), self.bytes_written)
+        self._acked = min(_read_int(self._acked_path), self.bytes_written)
+        self.truncated = False
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self._tail: collections.deque[OutputLine] = collections.deque(maxlen=TAIL_LINES)
+        self._stamp_second = -1
+        self._stamp_text = ""
         self._on_line = on_line
         # Set by the streamer: asks it to flush now (the task's first line must not wait a batch).
         self.on_urgent: Callable[[TaskOutput], None] | None = None
         self.first_line_at: float | None = None
         self.lines = 0
 
+    def _stamp(self, ts: float) -> str:
+        second = int(ts)
+        if second != self._stamp_second:   # one strftime per second, not per line
+            self._stamp_second = second
+            self._stamp_text = time.strftime("%H:%M:%S", time.localtime(ts))
+        return self._stamp_text
+
+    def _record(self, line: OutputLine) -> str:
+        stamp = self._stamp(line.ts)
+        return f"[{stamp}] {line.text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {line.text}"
+
     def __call__(self, line: OutputLine) -> None:
         text = line.text
-        stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
-        record = f"[{stamp}] {text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {text}"
+        if self.truncated:
+            # Past the cap (a flood): count the line and keep it for the tail, nothing else.
+            with self._lock:
+                self.lines += 1
+                self.dropped_lines += 1
+                self.dropped_bytes += len(text) + 12
+                self._tail.append(line)
+            return
         urgent = False
+        keep = True
         with self._lock:
-            if self._fh is None:
-                return
+            record = self._record(line)
+            data = (record + "\n").encode("utf-8", errors="replace")
             if self.first_line_at is None and line.stream != "prepare":
                 self.first_line_at = line.ts
                 urgent = True
             self.lines += 1
-            data = (record + "\n").encode("utf-8", errors="replace")
-            if line.pos >= 0:
-                # The position first, naming where the log will end with this line: a crash
-                # between the two writes leaves a record past the log's end, which reopening
-                # ignores, so the executor sends that line again and the log gets it once.
-                self._positions[line.stream] = line.pos
-                if self._pos_fh is None:
-                    self._pos_fh = self._pos_path.open("a", encoding="utf-8")
-                self._pos_fh.write(f"{line.stream} {line.pos} {self._size + len(data)}\n")
-                self._pos_fh.flush()
-            self._fh.write(data)
-            self._fh.flush()
-            self._size += len(data)
-            self._tail.append(record)
+            self._tail.append(line)
+            if self.truncated or not self._fits(len(data)):
+                self.dropped_lines += 1
+                self.dropped_bytes += len(data)
+                if self.truncated:
+                    return
+                self.truncated, keep = True, False
+                text = (f"[hivemind: output truncated: the log reached its cap of "
+                        f"{self.max_bytes} bytes; later output is not kept]")
+                data = (f"[{self._stamp(line.ts)}] {text}\n").encode()
+            if self._fh is not None:
+                if keep and line.pos >= 0:
+                    # The position first, naming where the log will end with this line: a crash
+                    # between the two writes leaves a record past the log's end, which reopening
+                    # ignores, so the executor sends that line again and the log gets it once.
+                    self._positions.record(line.stream, line.pos, self.bytes_written + len(data))
+                self._fh.write(data)
+                self._fh.flush()
+                self.bytes_written += len(data)
         if urgent and self.on_urgent is not None:
             self.on_urgent(self)
-        if self._on_line is not None:
+        if keep and self._on_line is not None:
             self._on_line(self.task_id, line)
+
+    def _fits(self, size: int) -> bool:
+        return not self.max_bytes or self.bytes_written + size <= self.max_bytes - MARKER_RESERVE_BYTES
+
+    def summary(self) -> dict[str, int | bool]:
+        """For the task record: how much output was kept, and whether the cap cut it."""
+        with self._lock:
+            return {"bytes": self.bytes_written, "cap_bytes": self.max_bytes,
+                    "truncated": self.truncated, "dropped_lines": self.dropped_lines,
+                    "dropped_bytes": self.dropped_bytes}
 
     def positions(self) -> dict[str, int]:
         """Per stream, the executor position of the last line this log holds (see OutputLine.pos)."""
         with self._lock:
-            return dict(self._positions)
+            return self._positions.current()
 
     # -- the streaming side ----------------------------------------------------------------
 
     def next_batch(self, max_bytes: int) -> Batch | None:
         """Whole lines after the acknowledged offset, up to max_bytes (at least one line)."""
         with self._lock:
-            start, end = self._acked, self._size
+            start, end = self._acked, self.bytes_written
         if end <= start:
             return None
         with self.log_path.open("rb") as f:
@@ -136,12 +182,12 @@ class TaskOutput:
     def skip_rest(self) -> None:
         """Give up streaming what is left (the pool keeps refusing it); the result still has it."""
         with self._lock:
-            end = self._size
+            end = self.bytes_written
         self.ack(Batch("", end))
 
     def has_pending(self) -> bool:
         with self._lock:
-            return self._acked < self._size
+            return self._acked < self.bytes_written
 
     @property
     def acked(self) -> int:
@@ -150,19 +196,17 @@ class TaskOutput:
 
     def tail(self, n: int = 50) -> list[str]:
         with self._lock:
-            return list(self._tail)[-n:]
+            return [self._record(line) for line in list(self._tail)[-n:]]
 
     def close(self) -> None:
         """No more lines; the log is flushed to disk (the result is packed from it)."""
         with self._lock:
             fh, self._fh = self._fh, None
-            pos_fh, self._pos_fh = self._pos_fh, None
+            self._positions.close()
         if fh is not None:
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
-        if pos_fh is not None:
-            pos_fh.close()
 
 
 def _unstamped(line: str) -> str:
@@ -178,20 +222,62 @@ def _read_int(path: Path) -> int:
         return 0
 
 
-def _read_positions(path: Path, log_size: int) -> dict[str, int]:
-    """Per stream, the last position whose line the log really holds (rows: stream pos log_end)."""
-    pos: dict[str, int] = {}
+class _Positions:
+    """The executor positions of the last line the log holds, in two fixed-size slots written in
+    turn (`output.pos`, 2 x SLOT bytes, however long the task talks): each write names the log
+    size it stands for, so after a crash the newest slot the log has reached is the truth, and
+    the other slot (one line older) is intact when the newest is not."""
+
+    SLOT = 256
+
+    def __init__(self, path: Path, log_size: int) -> None:
+        self._path = path
+        self._fd = -1
+        self._seq, self._pos = _read_slots(path, log_size)
+        if path.exists():
+            # Both slots to the truth found: a slot left ahead of the log must not come back
+            # once the log grows past the size it named.
+            self._seq += 1
+            self._write(log_size, 0)
+            self._write(log_size, 1)
+
+    def _write(self, log_end: int, slot: int) -> None:
+        body = " ".join([str(self._seq), str(log_end)] + [f"{k}={v}" for k, v in sorted(self._pos.items())])
+        row = body.encode()[:self.SLOT - 1].ljust(self.SLOT - 1) + b"\n"
+        if self._fd < 0:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.pwrite(self._fd, row, slot * self.SLOT)
+
+    def current(self) -> dict[str, int]:
+        return dict(self._pos)
+
+    def record(self, stream: str, pos: int, log_end: int) -> None:
+        self._pos[stream] = pos
+        self._seq += 1
+        self._write(log_end, self._seq % 2)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _read_slots(path: Path, log_size: int) -> tuple[int, dict[str, int]]:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError:
-        return pos
-    for row in text.splitlines():
-        parts = row.split(" ")
-        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
-            continue                 # a torn last row (crash mid-write)
-        if int(parts[2]) <= log_size:
-            pos[parts[0]] = int(parts[1])
-    return pos
+        return 0, {}
+    best: tuple[int, dict[str, int]] = (0, {})
+    for i in range(0, len(raw), _Positions.SLOT):
+        parts = raw[i:i + _Positions.SLOT].decode("ascii", errors="replace").split()
+        try:
+            seq, log_end = int(parts[0]), int(parts[1])
+            pos = {k: int(v) for k, _, v in (p.partition("=") for p in parts[2:])}
+        except (IndexError, ValueError):
+            continue                   # a torn or empty slot
+        if log_end <= log_size and seq > best[0]:
+            best = (seq, pos)
+    return best
 
 
 @dataclass

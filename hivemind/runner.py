@@ -18,6 +18,7 @@ into `executor.stop(grace)` at whatever phase the task is in (a stop during pip 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -42,6 +43,7 @@ from hivemind.executors.base import (
     TaskSpec,
     Usage,
 )
+from hivemind.executors.disk_quota import NO_QUOTA, POLL_INTERVAL_S, DiskQuota, QuotaInfo
 from hivemind.output import TaskOutput
 from hivemind.tasks.entry import discover_entry, find_requirements
 from hivemind.tasks.store import fsync_file
@@ -86,7 +88,7 @@ class TaskRunner:
                  advance: Callable[[str, str], None], started: Callable[[TaskHandle], None],
                  finished: Callable[[RunnerResult], None], logger: logging.Logger,
                  accepted_at: float, handle: TaskHandle | None = None,
-                 clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.time, quota: DiskQuota | None = None,
                  result_ready: Callable[[RunnerResult], None] = lambda res: None) -> None:
         self.task_id = task_id
         self._executor = executor
@@ -107,6 +109,9 @@ class TaskRunner:
         self._log = logger
         self._clock = clock
         self._handle = handle            # set: reattach to a task an earlier daemon started
+        self._quota = quota
+        self.quota_info: QuotaInfo = NO_QUOTA
+        self.quota_hit = False
         self.accepted_at = accepted_at
         self.started_at: float | None = None
         self.stop_requested = threading.Event()
@@ -135,6 +140,8 @@ class TaskRunner:
         result: ExitResult
         try:
             if self._handle is not None:
+                if self._quota is not None:
+                    self.quota_info = self._quota.resume(self.task_id, self._paths.workspace)
                 # Resume after the last line the log holds: nothing twice, nothing skipped.
                 self._executor.recover(self._handle, self.output, resume=self.output.positions())
                 self.started_at = float(self._handle.state.get("started_at", self._clock()))
@@ -159,6 +166,9 @@ class TaskRunner:
         self._advance(self.task_id, "preparing")
         ws = self._paths.workspace
         ws.mkdir(parents=True, exist_ok=True)
+        if self._quota is not None:
+            # Before extraction: the archive's files count toward the quota too.
+            self.quota_info = self._quota.apply(self.task_id, ws, self._mount_namespaces())
         archive = self._archive
         if isinstance(archive, Path):
             archive = archive.read_bytes()
@@ -169,9 +179,7 @@ class TaskRunner:
         faults.hit("preparing", self.task_id)
         entry = discover_entry(ws)
         timeout = min(self._timeout, entry.timeout_s) if entry.timeout_s else self._timeout
-        limits = Limits(cpus=self._limits.cpus, memory_bytes=self._limits.memory_bytes,
-                        pids=self._limits.pids, timeout_s=timeout, tmpfs_bytes=self._limits.tmpfs_bytes,
-                        network=self._limits.network, gpu_devices=self._limits.gpu_devices)
+        limits = dataclasses.replace(self._limits, timeout_s=timeout)
         spec = TaskSpec(task_id=self.task_id, workspace=ws, entry=entry, limits=limits,
                         requirements=find_requirements(ws), labels=self._labels)
         if self.stop_requested.is_set():
@@ -202,14 +210,31 @@ class TaskRunner:
 
     def _wait(self) -> ExitResult:
         next_stats = 0.0
+        next_quota = 0.0
         stopping = False
         while True:
             res = self._executor.wait(self.task_id, timeout=0.5)
             if res is not None:
-                if stopping and res.reason == ExitReason.EXITED:
+                if not self.quota_hit and res.reason in (ExitReason.EXITED, ExitReason.STOPPED) \
+                        and res.exit_code != 0 and self._quota is not None \
+                        and self._quota.exceeded(self.task_id):
+                    self.quota_hit = True   # it failed on a full workspace before we saw it
+                if self.quota_hit and res.reason in (ExitReason.EXITED, ExitReason.STOPPED):
+                    res = ExitResult(res.exit_code, ExitReason.DISK_QUOTA, res.started_at,
+                                     res.finished_at, res.peak_memory_bytes, res.cpu_seconds,
+                                     f"disk quota of {self.quota_info.quota_bytes} bytes reached "
+                                     f"({self.quota_info.method})")
+                elif stopping and res.reason == ExitReason.EXITED:
                     res = ExitResult(res.exit_code, ExitReason.STOPPED, res.started_at, res.finished_at,
                                      res.peak_memory_bytes, res.cpu_seconds, self.stop_reason)
                 return res
+            if self._quota is not None and not self.quota_hit and time.monotonic() >= next_quota:
+                # A real filesystem answers in microseconds; a polled workspace is walked.
+                poll = 0.0 if self.quota_info.method == "loop-ext4" else POLL_INTERVAL_S
+                next_quota = time.monotonic() + poll
+                if self._quota.exceeded(self.task_id):
+                    self.quota_hit = True
+                    self.request_stop(f"disk quota of {self.quota_info.quota_bytes} bytes reached")
             if self.stop_requested.is_set() and not stopping:
                 stopping = True
                 self._log.info("stopping task %s: %s", self.task_id, self.stop_reason,
@@ -225,6 +250,11 @@ class TaskRunner:
                     u = None
                 if u is not None:
                     self.usage.add(u)
+
+    def _mount_namespaces(self) -> list[int]:
+        # Rootless Podman's namespace may not see host mounts made after it started.
+        pids = getattr(self._executor, "mount_namespace_pids", None)
+        return list(pids()) if callable(pids) else []
 
     def finish_now(self, result: ExitResult) -> None:
         """Pack and report `result` without running anything (a task reaped after a restart)."""
@@ -260,6 +290,8 @@ class TaskRunner:
         except Exception as exc:
             self._log.warning("cleanup of %s failed: %s", self.task_id, exc,
                               extra={**self._extra, "event": "task.cleanup_failed"})
+        if self._quota is not None:
+            self._quota.release(self.task_id, self._paths.workspace, self._mount_namespaces())
         shutil.rmtree(self._paths.workspace, ignore_errors=True)
         for leftover in (self._paths.archive, self._paths.starting):
             if leftover is not None:
@@ -287,6 +319,10 @@ class TaskRunner:
                        "pids": self._limits.pids},
             "peak_memory_bytes": result.peak_memory_bytes or (self.usage.peak_memory or None),
             "cpu_seconds": result.cpu_seconds,
+            "output": self.output.summary(),
+            "disk_quota": self.quota_info.record(
+                self._quota.used(self.task_id) if self._quota is not None else None,
+                self.quota_hit),
         }
 
 

@@ -39,6 +39,7 @@ from hivemind.archive import ArchiveRules, inspect_task_archive
 from hivemind.config import Config
 from hivemind.errors import ArchiveRejected, TaskNotFound
 from hivemind.executors.base import Executor, ExitReason, ExitResult, Limits, TaskHandle
+from hivemind.executors.disk_quota import DiskQuota
 from hivemind.metrics.cpuscore import cpus_for_score
 from hivemind.output import OutputStreamer, TaskOutput
 from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
@@ -93,6 +94,9 @@ class Worker:
         self._lock = threading.Lock()
         self.draining = False
         self._dirs = _Dirs(cfg.state_dir)
+        ex = cfg.executor
+        self.quota = DiskQuota(ex.disk_quota_mb * 1024 * 1024, ex.disk_reserve_mb * 1024 * 1024,
+                               cfg.state_dir / "disk-quota", logger)
         self.streamer = OutputStreamer(upload_output or (lambda tid, text: None),
                                        cfg.pool.output_flush_interval_s,
                                        cfg.pool.output_batch_max_kb * 1024, logger)
@@ -215,12 +219,19 @@ class Worker:
             return None, f"no free GPU with at least {memory_gb} GiB of memory"
         return min(free, key=lambda g: (mem.get(g, 0), g)), ""
 
+    def limit_notes(self) -> list[str]:
+        """How disk and output are bounded here, for status (the executor's notes sit beside)."""
+        return [f"disk quota: {self.quota.describe()}",
+                f"output: {self.cfg.executor.max_output_mb} MiB kept per task (output.log and the "
+                "container log), then marked truncated"]
+
     def _limits(self, granted: Resources) -> Limits:
         pc = self.cfg.executor.podman
         return Limits(cpus=granted.cpus, memory_bytes=granted.memory_bytes, pids=pc.pids_limit,
                       timeout_s=self.cfg.executor.task_timeout_s, tmpfs_bytes=pc.tmpfs_mb * 1024 * 1024,
                       network=pc.network == "outbound",
-                      gpu_devices=tuple(f"nvidia.com/gpu={g}" for g in granted.gpus))
+                      gpu_devices=tuple(f"nvidia.com/gpu={g}" for g in granted.gpus),
+                      output_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
 
     def _persist_archive(self, task_id: str, data: bytes) -> None:
         """The archive on disk before the pool hears yes: a crash after the answer can't lose it."""
@@ -242,7 +253,8 @@ class Worker:
                accepted_at: float, handle: TaskHandle | None = None) -> TaskRunner:
         paths = self._dirs.paths(task_id)
         paths.workspace.parent.mkdir(parents=True, exist_ok=True)
-        output = TaskOutput(task_id, paths.output_log, self._on_output_line)
+        output = TaskOutput(task_id, paths.output_log, self._on_output_line,
+                            max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
             task_id, executor=self.executor, paths=paths, archive=archive, limits=self._limits(granted),
             labels={"hivemind.node_id": self.cfg.node_id}, node_id=self.cfg.node_id, rules=self._rules,
@@ -250,7 +262,7 @@ class Worker:
             task_timeout_s=self.cfg.executor.task_timeout_s, output=output,
             advance=self._advance, started=lambda h: self._started(task_id, h),
             finished=self._finished_run, logger=self._log, accepted_at=accepted_at, handle=handle,
-            clock=self._clock, result_ready=self._result_ready)
+            clock=self._clock, quota=self.quota, result_ready=self._result_ready)
         with self._lock:
             self._runners[task_id] = runner
         self.streamer.add(output)
@@ -354,7 +366,8 @@ class Worker:
                                 "so it is not started again")
                 counts["reaped"] += 1
             elif paths.archive is not None and paths.archive.exists():
-                shutil.rmtree(paths.workspace, ignore_errors=True)   # a half-done extraction
+                self._release_quota(rec.task_id)                     # a half-done extraction:
+                shutil.rmtree(paths.workspace, ignore_errors=True)   # the run starts afresh
                 self._spawn(rec.task_id, rec.granted, paths.archive, accepted_at=rec.accepted_at)
                 counts["restarted"] += 1
                 self._log.info("starting task %s accepted before the restart", rec.task_id,
@@ -382,6 +395,10 @@ class Worker:
                     self.executor.stop(orphan, 0)
                 self.executor.cleanup(orphan)
                 counts["orphans_removed"] += 1
+        # Before any task directory is removed: a mounted workspace would be emptied, not freed.
+        pids = getattr(self.executor, "mount_namespace_pids", None)
+        self.quota.sweep(self._dirs.tasks_root, keep=live,
+                         namespaces=list(pids()) if callable(pids) else [])
         pending_now = {tid for tid, _ in self.store.pending_results()}
         for d in self._dirs.tasks_root.iterdir() if self._dirs.tasks_root.exists() else []:
             if d.name not in live and d.name not in pending_now:
@@ -391,12 +408,19 @@ class Worker:
                            extra={"event": "worker.recovered"})
         return counts
 
+    def _release_quota(self, task_id: str) -> None:
+        """Unmount a workspace filesystem a killed worker left (rmtree would only empty it)."""
+        pids = getattr(self.executor, "mount_namespace_pids", None)
+        self.quota.release(task_id, self._dirs.paths(task_id).workspace,
+                           list(pids()) if callable(pids) else [])
+
     def _settle_pending(self, rec: TaskRecord, zip_path: Path) -> None:
         """Killed between "result pending" and the end of the run: finish what the runner would
         have done (remove the container and workspace, enter UPLOADING with the packed outcome)."""
         with contextlib.suppress(Exception):
             self.executor.cleanup(rec.task_id)
         paths = self._dirs.paths(rec.task_id)
+        self._release_quota(rec.task_id)
         shutil.rmtree(paths.workspace, ignore_errors=True)
         for leftover in (paths.archive, paths.starting):
             if leftover is not None:
@@ -418,13 +442,14 @@ class Worker:
         now = self._clock()
         paths = self._dirs.paths(rec.task_id)
         paths.workspace.parent.mkdir(parents=True, exist_ok=True)
-        output = TaskOutput(rec.task_id, paths.output_log)
+        output = TaskOutput(rec.task_id, paths.output_log,
+                            max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
             rec.task_id, executor=self.executor, paths=paths, archive=None,
             limits=self._limits(rec.granted), labels={}, node_id=self.cfg.node_id, rules=self._rules,
             max_result_bytes=self._result_cap(), stop_grace_s=0, task_timeout_s=1, output=output,
             advance=self._advance, started=lambda h: None, finished=self._finished_run,
-            logger=self._log, accepted_at=rec.accepted_at, clock=self._clock,
+            logger=self._log, accepted_at=rec.accepted_at, clock=self._clock, quota=self.quota,
             result_ready=self._result_ready)
         with self._lock:
             self._runners[rec.task_id] = runner

@@ -161,9 +161,9 @@ def test_acknowledged_offset_survives_a_new_taskoutput(tmp_path: Path) -> None:
     assert b is not None and b.text == "one\ntwo\n"
     out.ack(b)
     out(OutputLine(time.time(), "stdout", "three", pos=10))
-    # no close(): the process died, here between the position record and the log line of "x"
-    with (tmp_path / "output.pos").open("a") as f:
-        f.write(f"stdout 99 {(tmp_path / 'output.log').stat().st_size + 13}\n")
+    # no close(): the process died, here between the position record of a next line and its
+    # log line (the record names a log end the log never reached)
+    out._positions.record("stdout", 99, out.bytes_written + 13)
     again = TaskOutput("t1", tmp_path / "output.log")
     assert again.positions() == {"stdout": 10, "stderr": 1}
     rest = again.next_batch(1024)
@@ -171,7 +171,13 @@ def test_acknowledged_offset_survives_a_new_taskoutput(tmp_path: Path) -> None:
     again(OutputLine(time.time(), "stdout", "four", pos=15))
     rest = again.next_batch(1024)
     assert rest is not None and rest.text == "three\nfour\n"
+    for i in range(5):                     # the log grows past the end the stale record named
+        again(OutputLine(time.time(), "stdout", f"more {i}", pos=20 + i))
+    third = TaskOutput("t1", tmp_path / "output.log")
+    assert third.positions() == {"stdout": 24, "stderr": 1}
+    assert (tmp_path / "output.pos").stat().st_size == 512, "two slots, however long the task talks"
     again.close()
+    third.close()
 
 
 def test_refused_output_is_given_up_after_a_few_tries(tmp_path: Path) -> None:

@@ -100,7 +100,9 @@ class Node:
         self.workers: list[tuple[Worker, TaskStore]] = []
 
     def worker(self, ex: FakeExecutor) -> Worker:
+        # No disk quota: a fake executor's abandoned runners would keep its mounts.
         cfg = parse_config({"node": {"state_dir": str(self.state)},
+                            "executor": {"disk_quota_mb": 0},
                             "pool": {"result_min_delay_s": 0, "output_flush_interval_s": 0.05}}, {})
         cap = Capacity(total_cpus=4, total_memory_bytes=16 * GIB, reserve_cpus=0,
                        reserve_memory_bytes=0, slots=3, gpus=(), cpu_score_per_core=500)
