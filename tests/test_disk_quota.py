@@ -29,6 +29,8 @@ from hivemind.executors.disk_quota import DiskQuota, DiskQuotaError
 from hivemind.output import TaskOutput
 from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
 
+from statedir import state_root
+
 MiB = 1024 * 1024
 QUOTA = 64 * MiB
 LOG = logging.getLogger("test.disk_quota")
@@ -143,8 +145,8 @@ def _hivemind_user() -> bool:
 
 @pytest.fixture(scope="module", params=["venv", "podman", "podman-rootless"])
 def executor(request: pytest.FixtureRequest) -> Iterator[Executor]:
-    # /var/tmp and 0755: the rootless service runs as `hivemind`, which must reach the state.
-    state = Path(tempfile.mkdtemp(prefix="hm-quota-ex-", dir="/var/tmp"))
+    # A state root others can traverse, 0755: the rootless service runs as `hivemind`, which must reach the state.
+    state = Path(tempfile.mkdtemp(prefix="hm-quota-ex-", dir=state_root()))
     state.chmod(0o755)
     node = f"quota-{uuid.uuid4().hex[:8]}"
     try:
@@ -207,7 +209,7 @@ def run_task(executor: Executor, base: Path, quota: DiskQuota) -> RunnerResult:
 
 @needs_loop
 def test_a_task_past_its_quota_is_stopped_with_reason_disk_quota(executor: Executor) -> None:
-    base = Path(tempfile.mkdtemp(prefix="hm-quota-run-", dir="/var/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="hm-quota-run-", dir=state_root()))
     base.chmod(0o755)
     try:
         _quota_run(executor, base)

@@ -151,10 +151,11 @@ class PodmanExecutor:
         started; where / is not a shared mount (no systemd), later host mounts don't reach it."""
         if not self.rootless:
             return []
+        # No ensure(): a namespace made after the host mount copies it, so only an existing
+        # pause process matters (and every ping of a loaded service risks a restart).
         try:
-            self._api()
             user = self._service.service_user()
-        except (HivemindError, PodmanError):
+        except HivemindError:
             return []
         if user is None:
             return []
