@@ -332,13 +332,15 @@ def test_recover_resumes_exactly_after_the_sinks_last_line(base: Path, cache_dir
     handle = ex.start(spec, sink)
     assert sink.wait_for("two")
     assert [(ln.text, ln.pos) for ln in sink.lines] == [("one", 4), ("two", 8)]
+    for tailer in ex._get(spec.task_id).tailers:   # daemon A stops reading (it died)
+        tailer.finish()
     ex2 = make_executor(base, cache_dir)
     sink2 = Sink()
-    ex2.recover(handle, sink2, resume={"stdout": 4})   # the log held "one" only
+    ex2.recover(handle, sink2, resume={"stdout": sink.lines[-1].pos})
     (spec.workspace / "go").touch()
     result = ex2.wait(spec.task_id, WAIT)
     assert result is not None and result.exit_code == 0
-    assert sink2.texts("stdout") == ["two", "three"]
+    assert sink2.texts("stdout") == ["three"] and sink2.lines[0].pos == 14
     ex2.cleanup(spec.task_id)
     ex.cleanup(spec.task_id)
 
