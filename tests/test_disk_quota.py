@@ -237,3 +237,25 @@ def _quota_run(executor: Executor, base: Path) -> None:
     # Nothing left: no mount, no image, no workspace.
     assert _mounts_under(base) == []
     assert list((base / "images").glob("*.img")) == []
+
+
+def test_polling_sees_through_an_unreadable_directory(base: Path) -> None:
+    """A task hiding its files behind chmod 000 is still caught (by the filesystem's growth)."""
+    if os.geteuid() == 0:
+        # Root reads any directory; run the probe as nobody where we can.
+        pytest.skip("root bypasses directory permissions: the hiding can't happen")
+    quota = DiskQuota(QUOTA, 0, base / "images", LOG, loop=False)
+    ws = base / "ws2"
+    ws.mkdir()
+    quota.apply("t5", ws)
+    hidden = ws / "hidden"
+    hidden.mkdir()
+    with open(hidden / "big.bin", "wb") as f:
+        for _ in range(QUOTA // MiB + 2):
+            f.write(b"\1" * MiB)
+        os.fsync(f.fileno())
+    hidden.chmod(0)
+    try:
+        assert quota.exceeded("t5")
+    finally:
+        hidden.chmod(0o700)
