@@ -7,6 +7,7 @@ is left behind and that no pip-cache lock remains.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pwd
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hivemind.config import PodmanConfig, RequirementsConfig
@@ -256,6 +258,80 @@ def test_recover_after_recreating_the_executor(ex: PodmanExecutor, service: Podm
     with pytest.raises(TaskNotFound):
         ex2.recover(handle, Sink())            # gone
     ex2.close()
+
+
+def test_recover_resumes_after_the_last_recorded_line(ex: PodmanExecutor, service: PodmanService,
+                                                     node: str, tmp_path: Path) -> None:
+    """The log can only be re-read from the container's start: lines the worker's log already
+    holds (`resume`, per stream) are dropped, the rest arrive once, also those printed while no
+    worker watched and those of a container that exited meanwhile (issue 15, item 4)."""
+    code = ("import os, sys, time\n"
+            "print('a1', flush=True); print('e1', file=sys.stderr, flush=True)\n"
+            "print('a2', flush=True)\n"
+            "while not os.path.exists('go'): time.sleep(0.02)\n"
+            "print('a3', flush=True); print('e2', file=sys.stderr, flush=True)\n"
+            "while not os.path.exists('end'): time.sleep(0.02)\n"
+            "print('a4', flush=True)\n")
+    spec = _task(tmp_path, code)
+    sink = Sink()
+    handle = ex.start(spec, sink)
+    assert sink.wait_for("a2") and sink.wait_for("e1")
+    seen = {ln.stream: ln.pos for ln in sink.lines}
+    assert seen == {"stdout": 2, "stderr": 1}
+    (spec.workspace / "go").touch()          # printed while "no worker" follows it
+    assert sink.wait_for("e2")
+    ex2 = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 60,
+                         service=service)
+    sink2 = Sink()
+    ex2.recover(handle, sink2, resume=seen)
+    assert sink2.wait_for("e2")
+    (spec.workspace / "end").touch()
+    res = ex2.wait("t1", 60)
+    assert res is not None and res.exit_code == 0
+    assert sink2.texts("stdout") == ["a3", "a4"] and sink2.texts("stderr") == ["e2"]
+    # Exited while no worker watched: the same resume collects exactly the unseen lines.
+    ex3 = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 60,
+                         service=service)
+    sink3 = Sink()
+    ex3.recover(handle, sink3, resume={"stdout": 3, "stderr": 2})
+    assert ex3.wait("t1", 30) is not None
+    assert sink3.texts() == ["a4"] and sink3.lines[0].pos == 4
+    ex3.cleanup("t1")
+    ex2.close()
+    ex3.close()
+
+
+def test_a_service_left_by_a_killed_worker_is_adopted_then_stopped(tmp_path: Path) -> None:
+    """Item 5: the worker that started the API service dies without close(); the next one (same
+    state dir) adopts it and stops it on close. A recorded PID whose start time differs (reused)
+    is never touched."""
+    sock = tmp_path / "podman.sock"
+    state = tmp_path / "state"
+    first = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock), state_dir=state)
+    first.ensure()
+    record = json.loads((state / "podman-service.json").read_text())
+    pid = record["pid"]
+    assert psutil.pid_exists(pid) and ping(str(sock))
+    # (no first.close(): the worker was killed)
+    second = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock), state_dir=state)
+    assert second.ensure() == f"unix://{sock}" and second.owned
+    assert second._proc is None, "it must adopt, not start another"
+    second.close()
+    assert not ping(str(sock)) and not (state / "podman-service.json").exists()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # A record naming a live process that isn't the service (PID reused): left alone.
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (state / "podman-service.json").write_text(json.dumps(
+            {"pid": bystander.pid, "start_time": 1.0, "socket": str(sock)}))
+        third = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock),
+                              state_dir=state)
+        third.ensure()                      # starts its own
+        assert bystander.poll() is None and third._proc is not None
+        third.close()
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_orphans_never_include_unlabelled_containers(ex: PodmanExecutor, node: str) -> None:

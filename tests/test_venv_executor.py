@@ -322,6 +322,29 @@ def test_recover_after_daemon_restart(base: Path, cache_dir: Path) -> None:
         make_executor(base, cache_dir).recover(handle, Sink())
 
 
+def test_recover_resumes_exactly_after_the_sinks_last_line(base: Path, cache_dir: Path) -> None:
+    """The worker's own log is the record (`resume`): its offset files are saved about once a
+    second and would repeat lines; each line's pos is the byte offset just past it."""
+    spec = spec_for(base, "echo one\necho two\nwhile [ ! -e go ]; do sleep 0.01; done\necho three\n")
+    ex = make_executor(base, cache_dir)
+    ex.prepare(spec, lambda line: None, threading.Event())
+    sink = Sink()
+    handle = ex.start(spec, sink)
+    assert sink.wait_for("two")
+    assert [(ln.text, ln.pos) for ln in sink.lines] == [("one", 4), ("two", 8)]
+    for tailer in ex._get(spec.task_id).tailers:   # daemon A stops reading (it died)
+        tailer.finish()
+    ex2 = make_executor(base, cache_dir)
+    sink2 = Sink()
+    ex2.recover(handle, sink2, resume={"stdout": sink.lines[-1].pos})
+    (spec.workspace / "go").touch()
+    result = ex2.wait(spec.task_id, WAIT)
+    assert result is not None and result.exit_code == 0
+    assert sink2.texts("stdout") == ["three"] and sink2.lines[0].pos == 14
+    ex2.cleanup(spec.task_id)
+    ex.cleanup(spec.task_id)
+
+
 def test_recover_then_stop(base: Path, cache_dir: Path) -> None:
     spec = spec_for(base, "sleep 1000 &\nwhile [ ! -e go ]; do sleep 0.01; done\necho up\nwait\n")
     out = subprocess.run([sys.executable, "-c", _DAEMON, str(base), str(cache_dir), spec.task_id,

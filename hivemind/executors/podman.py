@@ -25,7 +25,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,7 @@ class PodmanExecutor:
         self._prepare_timeout = prepare_timeout_s
         # An injected service belongs to the caller; only one made here is stopped by close().
         self._owns_service = service is None
-        self._service = service or PodmanService(cfg, logger)
+        self._service = service or PodmanService(cfg, logger, state_dir=self._state_dir)
         self._clock = clock
         self._interval = wait_interval
         self._ca_bundle = host_ca_bundle
@@ -164,10 +164,11 @@ class PodmanExecutor:
         started; where / is not a shared mount (no systemd), later host mounts don't reach it."""
         if not self.rootless:
             return []
+        # No ensure(): a namespace made after the host mount copies it, so only an existing
+        # pause process matters (and every ping of a loaded service risks a restart).
         try:
-            self._api()
             user = self._service.service_user()
-        except (HivemindError, PodmanError):
+        except HivemindError:
             return []
         if user is None:
             return []
@@ -471,37 +472,47 @@ class PodmanExecutor:
             self._log.warning("task %s: limits not applied: %s", task_id, "; ".join(missing))
 
     def _monitor(self, api: PodmanAdapter, run: _Run, since: float | None,
-                 frames: Iterator[LogFrame] | None = None) -> None:
+                 frames: Iterator[LogFrame] | None = None,
+                 skip: Mapping[str, int] | None = None) -> None:
         remaining = run.started_at + run.timeout_s - self._clock()
         run.timer = threading.Timer(max(0.0, remaining), self._on_timeout, (run,))
         run.timer.daemon = True
         run.timer.start()
-        threading.Thread(target=self._follow, args=(api, run, since, frames),
+        threading.Thread(target=self._follow, args=(api, run, since, frames, skip),
                          name=f"task-{run.task_id}", daemon=True).start()
         threading.Thread(target=self._sample, args=(run,), name=f"cgroup-{run.task_id}",
                          daemon=True).start()
 
     def _pump(self, api: PodmanAdapter, ref: str, since: float | None, sink: OutputSink,
               stream: str | None = None, frames: Iterator[LogFrame] | None = None,
-              run: _Run | None = None) -> None:
+              run: _Run | None = None, skip: Mapping[str, int] | None = None,
+              follow: bool = True) -> None:
+        # Each line's pos is its number in its stream, counted from the container's start: the
+        # log can only be re-read from there, so after a restart the first `skip[stream]` lines
+        # (the ones the worker's log already holds) are read again and dropped here.
+        counts: dict[str, int] = {}
         try:
             if frames is None:
-                frames = api.logs(ref, follow=True, since=since)
+                frames = api.logs(ref, follow=follow, since=since)
             first_stderr = True
             for line in _lines(frames, self._clock):
+                n = counts[line.stream] = counts.get(line.stream, 0) + 1
+                if skip is not None and n <= skip.get(stream or line.stream, 0):
+                    first_stderr = first_stderr and line.stream != "stderr"
+                    continue
                 if run is not None and line.stream == "stderr" and first_stderr:
                     first_stderr = False
                     m = EXEC_FAILED.match(line.text)
                     if m:
                         run.exec_error = f"cannot execute the entry point: {m.group(1)}"
                         continue
-                sink(OutputLine(line.ts, stream or line.stream, line.text))
+                sink(OutputLine(line.ts, stream or line.stream, line.text, n))
         except (PodmanError, TaskNotFound, OSError) as exc:
             self._log.debug("log stream of %s ended: %s", ref, exc)
 
     def _follow(self, api: PodmanAdapter, run: _Run, since: float | None,
-                frames: Iterator[LogFrame] | None) -> None:
-        self._pump(api, run.container_id, since, run.sink, frames=frames, run=run)
+                frames: Iterator[LogFrame] | None, skip: Mapping[str, int] | None = None) -> None:
+        self._pump(api, run.container_id, since, run.sink, frames=frames, run=run, skip=skip)
         try:
             api.wait(run.container_id, self._interval)
             st = api.inspect(run.container_id)
@@ -675,7 +686,8 @@ class PodmanExecutor:
         return sorted({c.labels[LABEL_TASK] for c in found
                        if c.labels.get(LABEL_TASK) and c.labels.get(LABEL_ROLE) != "probe"})
 
-    def recover(self, handle: TaskHandle, sink: OutputSink) -> None:
+    def recover(self, handle: TaskHandle, sink: OutputSink,
+                resume: Mapping[str, int] | None = None) -> None:
         if handle.executor != self.name or handle.version != HANDLE_VERSION:
             raise TaskNotFound(f"handle of task {handle.task_id} is not a podman v1 handle")
         state: dict[str, Any] = dict(handle.state)
@@ -689,8 +701,15 @@ class PodmanExecutor:
         with self._lock:
             self._runs[handle.task_id] = run
         if st.running:
-            self._monitor(api, run, since=run.started_at)
+            if resume is None:
+                self._monitor(api, run, since=run.started_at)
+            else:
+                self._monitor(api, run, since=None, skip=resume)
         else:
+            if resume is not None:
+                # What it printed while no worker watched: the log still has it (the container
+                # is removed only after its result is durable).
+                self._pump(api, cid, None, sink, run=run, skip=resume, follow=False)
             self._finish(run, self._result(run, st))
 
 

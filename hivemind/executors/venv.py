@@ -59,7 +59,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,7 +394,8 @@ class VenvExecutor:
 
     # -- recover -------------------------------------------------------------------------------
 
-    def recover(self, handle: TaskHandle, sink: OutputSink) -> None:
+    def recover(self, handle: TaskHandle, sink: OutputSink,
+                resume: Mapping[str, int] | None = None) -> None:
         if handle.executor != self.name or handle.version != HANDLE_VERSION:
             raise TaskNotFound(f"handle of {handle.executor} v{handle.version} is not a venv v1 handle")
         st = handle.state
@@ -424,8 +425,11 @@ class VenvExecutor:
             raise TaskNotFound(f"task {handle.task_id}: no process and no exit status left")
         with self._lock:
             self._tasks[task.task_id] = task
-        self._start_threads(task, sink, offsets=(_read_offset(log_dir, "stdout"),
-                                                 _read_offset(log_dir, "stderr")))
+        # The sink's record beats our own offset files, which are saved about once a second.
+        offsets = tuple(resume[s] if resume is not None and s in resume else
+                        (0 if resume is not None else _read_offset(log_dir, s))
+                        for s in ("stdout", "stderr"))
+        self._start_threads(task, sink, offsets=(offsets[0], offsets[1]))
         self._log.info("task %s recovered (%s)", task.task_id, "running" if alive else "exited")
 
     # -- waiting -------------------------------------------------------------------------------
