@@ -63,7 +63,7 @@ def nothing_left_behind() -> Iterator[None]:
 def _is_test_task(p: psutil.Process) -> bool:
     try:
         return (p.status() != psutil.STATUS_ZOMBIE
-                and p.environ().get(MARKER_ENV, "").startswith("hmtest-"))
+                and p.environ().get(MARKER_ENV, "").startswith(f"hmtest-{os.getpid()}-"))
     except psutil.Error:
         return False
 
