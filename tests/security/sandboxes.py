@@ -9,6 +9,7 @@ import pwd
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,6 +98,11 @@ def make_executor(kind: str, base: Path, index_url: str = "") -> Iterator[Execut
                          service=service, requirements=req)
     try:
         st = pex.probe()
+        for _ in range(2):   # the rootless service is shared by every session on this machine
+            if st.usable or "podman service error" not in st.reason:
+                break
+            time.sleep(1)
+            st = pex.probe()
         if not st.usable:
             pytest.fail(f"{kind} is not usable here: {st.reason}")
         yield pex
