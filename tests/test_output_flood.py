@@ -41,8 +41,8 @@ CAP = 8 * MiB
 # Podman's conmon truncates its log at the cap (a hard bound). The venv executor's reader keeps
 # the first cap's worth of its stdout file (a restarted worker may resume anywhere below it) and
 # punches out everything past the cap as soon as it sees it, so what the writer gets ahead of
-# it (write speed x scheduling delay) comes on top: not a hard bound, measured 8-60 MiB on a
-# loaded 2-core VM. Either way far below the 2 GiB the task writes (before: 2 GiB in the log
+# it (write speed x scheduling delay) comes on top: not a hard bound, peaks of 30-46 MiB in all
+# were measured on a loaded 2-core VM. Either way far below the 2 GiB the task writes (before: 2 GiB in the log
 # plus 2 GiB in files).
 SLACK = {"venv": 64 * MiB, "podman": 1 * MiB}
 IMAGE = "localhost/hivemind-task:latest"
