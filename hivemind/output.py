@@ -97,6 +97,10 @@ class TaskOutput:
                 self.dropped_lines += 1
                 self.dropped_bytes += len(text) + 12
                 self._tail.append(line)
+                if line.pos >= 0 and self._fh is not None:
+                    # Consumed all the same: an executor resumes after it (the venv tailer
+                    # has already freed what it read).
+                    self._positions.record(line.stream, line.pos, self.bytes_written)
             return
         urgent = False
         keep = True
@@ -118,7 +122,7 @@ class TaskOutput:
                         f"{self.max_bytes} bytes; later output is not kept]")
                 data = (f"[{self._stamp(line.ts)}] {text}\n").encode()
             if self._fh is not None:
-                if keep and line.pos >= 0:
+                if line.pos >= 0:
                     # The position first, naming where the log will end with this line: a crash
                     # between the two writes leaves a record past the log's end, which reopening
                     # ignores, so the executor sends that line again and the log gets it once.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -264,6 +265,9 @@ class TaskRunner:
         self.output.close()
         record = self.execution_record(result)
         self._paths.result_zip.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before any byte is written: a task's result is root's (the worker's) only.
+        os.close(os.open(self._paths.result_zip, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(self._paths.result_zip, 0o600)
         ws = self._paths.workspace if self._paths.workspace.is_dir() else None
         try:
             if ws is None:
@@ -317,6 +321,8 @@ class TaskRunner:
             "executor": self._executor.name,
             "limits": {"cpus": self._limits.cpus, "memory_bytes": self._limits.memory_bytes,
                        "pids": self._limits.pids},
+            # What the executor could really give this task (venv: uid, namespaces), as it said.
+            "isolation": dict(self._handle.state.get("isolation") or {}) if self._handle else None,
             "peak_memory_bytes": result.peak_memory_bytes or (self.usage.peak_memory or None),
             "cpu_seconds": result.cpu_seconds,
             "output": self.output.summary(),

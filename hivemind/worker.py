@@ -253,7 +253,7 @@ class Worker:
     def _spawn(self, task_id: str, granted: Resources, archive: bytes | Path | None, *,
                accepted_at: float, handle: TaskHandle | None = None) -> TaskRunner:
         paths = self._dirs.paths(task_id)
-        paths.workspace.parent.mkdir(parents=True, exist_ok=True)
+        self._dirs.make_private(paths)
         output = TaskOutput(task_id, paths.output_log, self._on_output_line,
                             max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
@@ -442,7 +442,7 @@ class Worker:
         """A task that can't continue: pack what is left into a failure result and upload it."""
         now = self._clock()
         paths = self._dirs.paths(rec.task_id)
-        paths.workspace.parent.mkdir(parents=True, exist_ok=True)
+        self._dirs.make_private(paths)
         output = TaskOutput(rec.task_id, paths.output_log,
                             max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
@@ -528,6 +528,19 @@ class _Dirs:
 
     def task_dir(self, task_id: str) -> Path:
         return self.tasks_root / task_id
+
+    @staticmethod
+    def make_private(paths: RunnerPaths) -> None:
+        """A task dir only its task's user may pass through (to its workspace, which the
+        executor makes 0700 for it); output log and result 0600, root's (or the worker's)."""
+        d = paths.workspace.parent
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o711 if os.geteuid() == 0 else 0o700)
+        for f in (paths.output_log, paths.result_zip):
+            with contextlib.suppress(FileNotFoundError):
+                f.chmod(0o600)
+        if not paths.output_log.exists():
+            os.close(os.open(paths.output_log, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
     def paths(self, task_id: str) -> RunnerPaths:
         d = self.task_dir(task_id)

@@ -170,3 +170,15 @@ def result_of(pool: DevPool, task_id: str, timeout: float = 120) -> zipfile.ZipF
         raise AssertionError(f"task {task_id}: {t.status if t else 'unknown'}: {t.message if t else ''}") from None
     assert t.result_path is not None
     return zipfile.ZipFile(io.BytesIO(t.result_path.read_bytes()))
+
+
+def status_get(w: WorkerProc, path: str) -> bytes:
+    """GET from the worker's status API with its token (generated in the state dir when the
+    config names none: task data always needs it)."""
+    import urllib.request
+
+    token = (w.state_dir / "status-token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{w.status_port}{path}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return bytes(r.read())

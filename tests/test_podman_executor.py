@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hivemind.config import PodmanConfig
+from hivemind.config import PodmanConfig, RequirementsConfig
 from hivemind.errors import TaskNotFound
 from hivemind.executors.base import (
     Entry,
@@ -36,6 +36,8 @@ from hivemind.executors.base import (
 )
 from hivemind.executors.podman import PodmanExecutor
 from hivemind.executors.podman_service import PodmanService, ping
+
+from pkgindex import make_wheel, serve_index
 
 IMAGE = "localhost/hivemind-task:latest"
 MiB = 1024 * 1024
@@ -345,31 +347,45 @@ def test_orphans_never_include_unlabelled_containers(ex: PodmanExecutor, node: s
 
 
 def _requirements_task(tmp_path: Path, text: str, task_id: str) -> TaskSpec:
-    spec = _task(tmp_path, "import six\nprint('six', six.__version__)\n", task_id=task_id)
+    spec = _task(tmp_path, "import hmsix\nprint('hmsix', hmsix.VERSION)\n", task_id=task_id)
     (spec.workspace / "requirements.txt").write_text(text)
     return TaskSpec(spec.task_id, spec.workspace, spec.entry, spec.limits,
                     requirements=spec.workspace / "requirements.txt")
 
 
 @pytest.mark.slow
-def test_requirements_installed_once_then_cached(ex: PodmanExecutor, tmp_path: Path) -> None:
-    spec = _requirements_task(tmp_path, "six==1.16.0\n", "t1")
-    prep = Sink()
-    ex.prepare(spec, prep, threading.Event())
-    assert any("six" in t for t in prep.texts("prepare")), prep.texts()
-    sink = Sink()
-    ex.start(spec, sink)
-    res = ex.wait("t1", 60)
-    assert res is not None and res.exit_code == 0, sink.texts()
-    assert sink.texts() == ["six 1.16.0"]
-    again = _requirements_task(tmp_path, "six==1.16.0\n", "t2")
-    prep2 = Sink()
-    ex.prepare(again, prep2, threading.Event())
-    assert prep2.texts() == ["requirements already installed (cached)"]
+def test_requirements_installed_once_then_cached(service: PodmanService, node: str,
+                                                 tmp_path: Path) -> None:
+    wheels = tmp_path / "index"
+    wheels.mkdir()
+    make_wheel(wheels, "hmsix", "1.16.0", {"hmsix.py": "VERSION = '1.16.0'\n"})
+    with serve_index(wheels) as index:
+        ex = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 120,
+                            service=service, requirements=RequirementsConfig(index_url=index.url))
+        try:
+            spec = _requirements_task(tmp_path, "hmsix==1.16.0\n", "t1")
+            prep = Sink()
+            ex.prepare(spec, prep, threading.Event())
+            assert any("hmsix" in t for t in prep.texts("prepare")), prep.texts()
+            sink = Sink()
+            ex.start(spec, sink)
+            res = ex.wait("t1", 60)
+            assert res is not None and res.exit_code == 0, sink.texts()
+            assert sink.texts() == ["hmsix 1.16.0"]
+            fetched = len(index.hits)
+            again = _requirements_task(tmp_path, "hmsix==1.16.0\n", "t2")
+            prep2 = Sink()
+            ex.prepare(again, prep2, threading.Event())
+            assert prep2.texts() == ["requirements already installed (cached)"]
+            assert len(index.hits) == fetched          # no network the second time
+        finally:
+            for t in ("t1", "t2"):
+                ex.cleanup(t)
+            ex.close()
 
 
-def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, node: str,
-                                                          tmp_path: Path) -> None:
+def test_cancel_during_pip_download_leaves_nothing_running(service: PodmanService, node: str,
+                                                           tmp_path: Path) -> None:
     # An index on the host that accepts connections and never answers: pip hangs in it.
     srv = socket.create_server(("0.0.0.0", 0))
     held: list[socket.socket] = []
@@ -386,9 +402,10 @@ def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, no
                 return
 
     port = srv.getsockname()[1]
-    spec = _requirements_task(
-        tmp_path, f"--index-url http://host.containers.internal:{port}/simple\n"
-        "--trusted-host host.containers.internal\nsix\n", "t1")
+    ex = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 120,
+                        service=service,
+                        requirements=RequirementsConfig(index_url=f"http://127.0.0.1:{port}/simple"))
+    spec = _requirements_task(tmp_path, "six\n", "t1")
     cancel = threading.Event()
     prep = Sink()
     hold_thread = threading.Thread(target=hold, daemon=True)
@@ -408,8 +425,10 @@ def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, no
         for c in held:
             c.close()
         srv.close()
+    ex.close()
     assert _our_containers(node) == []
     assert not list((tmp_path / "state" / "podman-pycache").glob(".*tmp*"))
+    assert not list((tmp_path / "state" / "podman-pycache").glob(".*wheels*"))
 
 
 def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:

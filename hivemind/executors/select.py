@@ -18,14 +18,16 @@ def _podman(cfg: Config, logger: logging.Logger) -> Executor:
     from hivemind.executors.podman import PodmanExecutor
 
     return PodmanExecutor(cfg.executor.podman, cfg.node_id, cfg.state_dir, logger,
-                          prepare_timeout_s=cfg.executor.prepare_timeout_s)
+                          prepare_timeout_s=cfg.executor.prepare_timeout_s,
+                          requirements=cfg.executor.requirements)
 
 
 def _venv(cfg: Config, logger: logging.Logger) -> Executor:
     from hivemind.executors.venv import VenvExecutor
 
     return VenvExecutor(cfg.executor.venv, cfg.state_dir, logger, cfg.node_id,
-                        prepare_timeout_s=cfg.executor.prepare_timeout_s)
+                        prepare_timeout_s=cfg.executor.prepare_timeout_s,
+                        requirements=cfg.executor.requirements)
 
 
 def wait_for_socket(uri: str, timeout_s: float, logger: logging.Logger, *,
