@@ -113,6 +113,7 @@ class Worker:
         self.uploader.start()
 
     def close(self) -> None:
+        self.quota.close()
         self.streamer.flush_all()
         self.streamer.stop()
         self.uploader.stop()
