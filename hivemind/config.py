@@ -87,7 +87,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class PodmanConfig:
-    mode: str = opt("rootless", "rootless (default) or rootful Podman.", choices=("rootless", "rootful"))
+    mode: str = opt("auto", "auto: rootless where it enforces memory, CPU and pids limits (cgroup v2 with delegation), else rootful when the worker is root; or force rootless / rootful.",
+                    choices=("auto", "rootless", "rootful"))
     socket: str = opt("", "Podman API URI (unix:///...); empty finds or starts the service for the mode.")
     image: str = opt("localhost/hivemind-task:latest", "Image tasks run in (built by images/build).")
     network: str = opt("none", "none, or outbound to let tasks open outbound connections.", choices=("none", "outbound"))

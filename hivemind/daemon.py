@@ -182,7 +182,8 @@ class Daemon:
         if es is None or not es.usable:
             return "unavailable"
         if es.name == "podman":
-            return f"podman {self.cfg.executor.podman.mode}"
+            rootless = getattr(self.executor, "rootless", self.cfg.executor.podman.mode == "rootless")
+            return f"podman {'rootless' if rootless else 'rootful'}"
         return "venv (no container isolation)"
 
     def node_status(self) -> NodeStatus:

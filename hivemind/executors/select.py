@@ -3,18 +3,70 @@ usable and the venv otherwise. The fallback is logged and visible in status as w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 from hivemind.config import Config
 from hivemind.errors import ExecutorUnavailable
 from hivemind.executors.base import Executor, ExecutorStatus
 
-
-def _podman(cfg: Config, logger: logging.Logger) -> Executor:
+if TYPE_CHECKING:
     from hivemind.executors.podman import PodmanExecutor
 
-    return PodmanExecutor(cfg.executor.podman, cfg.node_id, cfg.state_dir, logger,
-                          prepare_timeout_s=cfg.executor.prepare_timeout_s)
+
+def _podman_in(cfg: Config, logger: logging.Logger, mode: str) -> PodmanExecutor:
+    from hivemind.executors.podman import PodmanExecutor
+    from hivemind.metrics import open_metrics
+
+    pc = dataclasses.replace(cfg.executor.podman, mode=mode)
+    metrics = open_metrics(cfg.metrics.backend, cfg.metrics.native_library, logger)
+    return PodmanExecutor(pc, cfg.node_id, cfg.state_dir, logger,
+                          prepare_timeout_s=cfg.executor.prepare_timeout_s, metrics=metrics)
+
+
+def _podman(cfg: Config, logger: logging.Logger) -> tuple[Executor, ExecutorStatus]:
+    """The Podman executor for the configured mode, probed. `auto` probes rootless first, then
+    (worker is root, rootless can't enforce the limits) rootful, and keeps the better one."""
+    from hivemind.executors.podman_mode import choose_mode, host_cgroups, worker_is_root
+
+    mode = cfg.executor.podman.mode
+    if mode != "auto":
+        ex = _podman_in(cfg, logger, mode)
+        status = ex.probe()
+        if status.usable and status.enforcement and status.enforcement.notes:
+            logger.warning("podman %s (forced by executor.podman.mode) does not enforce: %s",
+                           mode, "; ".join(status.enforcement.notes),
+                           extra={"event": "executor.limits_not_enforced"})
+        return ex, status
+    rootless = _podman_in(cfg, logger, "rootless")
+    rl_status = rootless.probe()
+    root = worker_is_root()
+    rootful: PodmanExecutor | None = None
+    rf_status: ExecutorStatus | None = None
+    if root and not _enforces(rl_status):
+        rootful = _podman_in(cfg, logger, "rootful")
+        rf_status = rootful.probe()
+    try:
+        uid = rootless.service_uid()
+    except ExecutorUnavailable:
+        uid = None
+    choice = choose_mode(host_cgroups(uid), rl_status, rf_status, root)
+    chosen, other = (rootless, rootful) if choice.mode == "rootless" else (rootful, rootless)
+    if other is not None:
+        other.close()
+    assert chosen is not None
+    chosen.mode_reason = f"auto: {choice.reason}"
+    status = chosen.probe()   # cached enforcement; the reason now carries the choice
+    log = logger.info if choice.enforced else logger.warning
+    log("podman mode %s: %s", choice.mode, choice.reason, extra={"event": "executor.podman_mode"})
+    return chosen, status
+
+
+def _enforces(status: ExecutorStatus) -> bool:
+    from hivemind.executors.podman_mode import enforces_all
+
+    return enforces_all(status)
 
 
 def _venv(cfg: Config, logger: logging.Logger) -> Executor:
@@ -27,8 +79,7 @@ def _venv(cfg: Config, logger: logging.Logger) -> Executor:
 def select_executor(cfg: Config, logger: logging.Logger) -> tuple[Executor, ExecutorStatus]:
     kind = cfg.executor.kind
     if kind in ("auto", "podman"):
-        podman = _podman(cfg, logger)
-        status = podman.probe()
+        podman, status = _podman(cfg, logger)
         if status.usable:
             logger.info("executor: podman (%s)", status.reason, extra={"event": "executor.selected"})
             return podman, status
