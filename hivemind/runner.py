@@ -8,18 +8,18 @@ into `executor.stop(grace)` at whatever phase the task is in (a stop during pip 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import shutil
-import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hivemind import __version__
 from hivemind.archive import ArchiveRules, extract_task_archive, pack_result
 from hivemind.errors import HivemindError, TaskNotFound
 from hivemind.executors.base import (
@@ -28,12 +28,14 @@ from hivemind.executors.base import (
     ExitResult,
     Limits,
     PrepareCancelled,
+    TaskFacts,
     TaskHandle,
     TaskSpec,
-    Usage,
 )
 from hivemind.output import TaskOutput
 from hivemind.tasks.entry import discover_entry, find_requirements
+from hivemind.tasks.record import build_record
+from hivemind.tasks.usage import UsageTracker
 
 STATS_INTERVAL_S = 2.0
 
@@ -54,17 +56,6 @@ class RunnerResult:
     output_tail: list[str] = field(default_factory=list)   # for the status API after the run
 
 
-@dataclass
-class UsageTracker:
-    last: Usage | None = None
-    peak_memory: int = 0
-    samples: list[tuple[float, float, int]] = field(default_factory=list)
-
-    def add(self, u: Usage) -> None:
-        self.last = u
-        self.peak_memory = max(self.peak_memory, u.memory_bytes)
-
-
 class TaskRunner:
     def __init__(self, task_id: str, *, executor: Executor, paths: RunnerPaths,
                  archive: bytes | None, limits: Limits,
@@ -73,7 +64,8 @@ class TaskRunner:
                  advance: Callable[[str, str], None], started: Callable[[TaskHandle], None],
                  finished: Callable[[RunnerResult], None], logger: logging.Logger,
                  accepted_at: float, handle: TaskHandle | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 context: Mapping[str, str] | None = None) -> None:
         self.task_id = task_id
         self._executor = executor
         self._paths = paths
@@ -97,6 +89,11 @@ class TaskRunner:
         self.stop_requested = threading.Event()
         self.stop_reason = ""
         self.usage = UsageTracker()
+        self._context = context if context is not None else {}
+        # Kept in the handle too, so a restarted worker's record still names the archive.
+        self.archive_sha256: str | None = (hashlib.sha256(archive).hexdigest() if archive is not None
+                                           else (handle.state.get("archive_sha256") if handle else None))
+        self._facts: TaskFacts | None = None
         self._thread = threading.Thread(target=self._run, name=f"task-{task_id}", daemon=True)
         self._extra = {"task_id": task_id}
 
@@ -150,6 +147,7 @@ class TaskRunner:
         limits = Limits(cpus=self._limits.cpus, memory_bytes=self._limits.memory_bytes,
                         pids=self._limits.pids, timeout_s=timeout, tmpfs_bytes=self._limits.tmpfs_bytes,
                         network=self._limits.network, gpu_devices=self._limits.gpu_devices)
+        self._limits = limits           # the record names the timeout that really applied
         spec = TaskSpec(task_id=self.task_id, workspace=ws, entry=entry, limits=limits,
                         requirements=find_requirements(ws), labels=self._labels)
         if self.stop_requested.is_set():
@@ -166,6 +164,7 @@ class TaskRunner:
             return ExitResult(None, ExitReason.STOPPED, now, now, message=self.stop_reason)
         self.started_at = self._clock()
         handle = self._executor.start(spec, self.output)
+        handle = dataclasses.replace(handle, state={**handle.state, "archive_sha256": self.archive_sha256})
         self._handle = handle
         self._started_cb(handle)
         self._advance(self.task_id, "running")
@@ -199,11 +198,25 @@ class TaskRunner:
                 if u is not None:
                     self.usage.add(u)
 
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    def facts(self) -> TaskFacts:
+        """What the task really got (applied limits, provenance); the last known after the run."""
+        if self._facts is not None:
+            return self._facts
+        try:
+            return self._executor.facts(self.task_id)
+        except Exception:
+            return TaskFacts()
+
     def finish_now(self, result: ExitResult) -> None:
         """Pack and report `result` without running anything (a task reaped after a restart)."""
         self._finish(result)
 
     def _finish(self, result: ExitResult) -> None:
+        self._facts = self.facts()      # before cleanup, which forgets the task
         try:
             self._executor.cleanup(self.task_id)
         except Exception as exc:
@@ -234,25 +247,11 @@ class TaskRunner:
                                        self.output.tail(50)))
 
     def execution_record(self, result: ExitResult) -> dict[str, Any]:
-        ok = result.reason == ExitReason.EXITED and result.exit_code == 0
-        return {
-            "task_id": self.task_id,
-            "status": "succeeded" if ok else "failed" if result.reason != ExitReason.STOPPED else "stopped",
-            "exit_code": result.exit_code,
-            "reason": result.reason.value,
-            "message": result.message,
-            "accepted_at": self.accepted_at,
-            "started_at": result.started_at or self.started_at,
-            "finished_at": result.finished_at,
-            "node_id": self._node_id,
-            "node_hostname": socket.gethostname(),
-            "worker_version": __version__,
-            "executor": self._executor.name,
-            "limits": {"cpus": self._limits.cpus, "memory_bytes": self._limits.memory_bytes,
-                       "pids": self._limits.pids},
-            "peak_memory_bytes": result.peak_memory_bytes or (self.usage.peak_memory or None),
-            "cpu_seconds": result.cpu_seconds,
-        }
+        return build_record(task_id=self.task_id, result=result, accepted_at=self.accepted_at,
+                            started_at=self.started_at, node_id=self._node_id,
+                            executor=self._executor.name, limits=self._limits, facts=self.facts(),
+                            tracker=self.usage, archive_sha256=self.archive_sha256,
+                            context=self._context)
 
 
 def _write_minimal_result(path: Path, record: dict[str, Any], output_log: Path) -> None:

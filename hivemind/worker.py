@@ -75,6 +75,8 @@ class Worker:
         self._runners: dict[str, TaskRunner] = {}
         self._finished: collections.OrderedDict[str, RunnerResult] = collections.OrderedDict()
         self._lock = threading.Lock()
+        # Worker facts every task record names (the daemon sets auth_mode once the server runs).
+        self.context: dict[str, str] = {}
         self.draining = False
         self._dirs = _Dirs(cfg.state_dir)
         self.streamer = OutputStreamer(upload_output or (lambda tid, text: None),
@@ -211,6 +213,7 @@ class Worker:
             task_timeout_s=self.cfg.executor.task_timeout_s, output=output,
             advance=self._advance, started=lambda h: self._started(task_id, h),
             finished=self._finished_run, logger=self._log, accepted_at=accepted_at, handle=handle,
+            context=self.context,
             clock=self._clock)
         with self._lock:
             self._runners[task_id] = runner
@@ -317,7 +320,7 @@ class Worker:
             limits=self._limits(rec.granted), labels={}, node_id=self.cfg.node_id, rules=self._rules,
             max_result_bytes=self._result_cap(), stop_grace_s=0, task_timeout_s=1, output=output,
             advance=self._advance, started=lambda h: None, finished=self._finished_run,
-            logger=self._log, accepted_at=rec.accepted_at, clock=self._clock)
+            logger=self._log, accepted_at=rec.accepted_at, clock=self._clock, context=self.context)
         with self._lock:
             self._runners[rec.task_id] = runner
         runner.finish_now(ExitResult(None, ExitReason.LOST, rec.started_at or now, now, message=why))

@@ -646,7 +646,8 @@ class PodmanExecutor:
             run = self._runs.get(task_id)
         if run is None:
             return TaskFacts()
-        run.located.wait(5)
+        if run.done.is_set():       # the record's read: let a late _locate finish first
+            run.located.wait(5)
         image_id, digest = self._image_info()
         prov = {"executor": self.name, "mode": "rootless" if self.rootless else "rootful",
                 "image": self._cfg.image, "image_id": image_id, "image_digest": digest,
