@@ -176,8 +176,8 @@ class TaskDict(TypedDict):
     exit_reason: str | None         # executors.base.ExitReason value, None while running
     message: str                    # short human-readable note (why it failed, ...), or ""
     output_tail: list[str]          # last lines of output; may be [] in tasks() for brevity
-    limits: NotRequired[LimitsInfo | None]          # applied limits, once the task started
-    provenance: NotRequired[ProvenanceInfo | None]
+    limits: LimitsInfo | None       # applied limits (what the kernel enforces), once started
+    provenance: ProvenanceInfo | None   # archive sha256, image or venv, mode, worker, auth
 
 
 class StatusView(Protocol):
