@@ -268,6 +268,32 @@ func TestTreeSumsDescendantsOnly(t *testing.T) {
 	}
 }
 
+func TestTreeByChildrenFiles(t *testing.T) {
+	c := fixture(t)
+	root := c.ProcRoot
+	stat := func(pid, state string, ppid, ticks, rss int) string {
+		return fmt.Sprintf("%s (x) %s %d 0 0 0 0 0 0 0 0 0 %d 0 0 0 20 0 1 0 100 4096 %d 0 0\n",
+			pid, state, ppid, ticks, rss)
+	}
+	// 10 has two threads; the child 13 was forked by thread 15. 12 is a zombie; 20 unrelated.
+	write(t, root, "10/stat", stat("10", "S", 1, 100, 10))
+	write(t, root, "10/task/10/children", "11 12 ")
+	write(t, root, "10/task/15/children", "13")
+	write(t, root, "11/stat", stat("11", "R", 10, 50, 20))
+	write(t, root, "11/task/11/children", "")
+	write(t, root, "12/stat", stat("12", "Z", 10, 999, 999))
+	write(t, root, "13/stat", stat("13", "S", 10, 25, 30))
+	write(t, root, "13/task/13/children", "")
+	write(t, root, "20/stat", stat("20", "S", 1, 1000, 1000))
+	var u TreeUsage
+	if err := c.Tree(10, &u); err != nil {
+		t.Fatal(err)
+	}
+	if !u.Found || u.Procs != 3 || u.CPUNs != 175*10_000_000 || u.RSSBytes != 60*uint64(os.Getpagesize()) {
+		t.Errorf("tree %+v: want 3 procs, 1.75 s, 60 pages (threads' children included, zombie out)", u)
+	}
+}
+
 func TestTreeOfThisProcess(t *testing.T) {
 	c := NewCollector()
 	var u TreeUsage

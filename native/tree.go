@@ -62,9 +62,99 @@ func parseProcStat(b []byte) (st procStat, zombie bool, ok bool) {
 	return st, false, true
 }
 
-// Tree sums the process tree rooted at pid into u.
+// Tree sums the process tree rooted at pid into u. Where the kernel lists each thread's
+// children (/proc/PID/task/TID/children, CONFIG_PROC_CHILDREN), only the tree's own files are
+// read; otherwise every process's stat is read once to find the parent links.
 func (c *Collector) Tree(pid int, u *TreeUsage) error {
 	*u = TreeUsage{}
+	p := strconv.Itoa(pid)
+	if exists(c.ProcRoot + "/" + p + "/task/" + p + "/children") {
+		return c.treeByChildren(pid, u)
+	}
+	return c.treeByScan(pid, u)
+}
+
+// readStat reads and parses /proc/PID/stat; ok is false when the process is gone or unreadable.
+func (c *Collector) readStat(path string) (st procStat, zombie bool, ok bool) {
+	// Not kept open like cgroup files: PIDs come and go, and a kept descriptor of a dead
+	// process would read nothing while its PID is reused.
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return st, false, false
+	}
+	b, err := c.readFd(fd)
+	syscall.Close(fd)
+	if err != nil {
+		return st, false, false
+	}
+	return parseProcStat(b)
+}
+
+func (c *Collector) treeByChildren(pid int, u *TreeUsage) error {
+	page := uint64(os.Getpagesize())
+	queue := []int{pid}
+	seen := map[int]bool{pid: true}
+	for len(queue) > 0 {
+		p := queue[0]
+		queue = queue[1:]
+		dir := c.ProcRoot + "/" + strconv.Itoa(p)
+		st, zombie, ok := c.readStat(dir + "/stat")
+		if !ok || zombie {
+			continue // gone while we looked, or holding nothing
+		}
+		if p == pid {
+			u.Found = true
+		}
+		u.Procs++
+		u.CPUNs += st.ticks * (1_000_000_000 / clockTicks)
+		u.RSSBytes += st.rss * page
+		tasks, err := readDirNames(dir + "/task")
+		if err != nil {
+			continue
+		}
+		for _, tid := range tasks {
+			b, err := c.readSmall(dir + "/task/" + tid + "/children")
+			if err != nil {
+				continue
+			}
+			for len(b) > 0 { // "PID PID ... " without allocating a slice of fields
+				for len(b) > 0 && isSpace(b[0]) {
+					b = b[1:]
+				}
+				i := 0
+				for i < len(b) && !isSpace(b[i]) {
+					i++
+				}
+				if ch, ok := parseUint(b[:i]); ok && !seen[int(ch)] {
+					seen[int(ch)] = true
+					queue = append(queue, int(ch))
+				}
+				b = b[i:]
+			}
+		}
+	}
+	return nil
+}
+
+func readDirNames(path string) ([]string, error) {
+	d, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return d.Readdirnames(-1)
+}
+
+func (c *Collector) readSmall(path string) ([]byte, error) {
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer syscall.Close(fd)
+	return c.readFd(fd)
+}
+
+func (c *Collector) treeByScan(pid int, u *TreeUsage) error {
 	dir, err := os.Open(c.ProcRoot)
 	if err != nil {
 		return err
@@ -84,18 +174,7 @@ func (c *Collector) Tree(pid int, u *TreeUsage) error {
 		if err != nil {
 			continue
 		}
-		// Not kept open like cgroup files: PIDs come and go, and a kept descriptor of a dead
-		// process would read nothing while its PID is reused.
-		fd, err := syscall.Open(c.ProcRoot+"/"+name+"/stat", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
-		if err != nil {
-			continue // exited while we looked
-		}
-		b, err := c.readFd(fd)
-		syscall.Close(fd)
-		if err != nil {
-			continue
-		}
-		st, zombie, ok := parseProcStat(b)
+		st, zombie, ok := c.readStat(c.ProcRoot + "/" + name + "/stat")
 		if !ok || zombie {
 			continue
 		}
