@@ -99,5 +99,9 @@ def select_executor(cfg: Config, logger: logging.Logger) -> tuple[Executor, Exec
 
 
 def executor_for(kind: str, cfg: Config, logger: logging.Logger) -> Executor:
-    """The executor of that kind ("podman" or "venv"), unprobed and without any fallback."""
-    return _podman(cfg, logger) if kind == "podman" else _venv(cfg, logger)
+    """The executor of that kind ("podman" or "venv"), without any fallback; unprobed except for
+    Podman in mode auto, where probing both modes is how the mode is chosen."""
+    if kind != "podman":
+        return _venv(cfg, logger)
+    mode = cfg.executor.podman.mode
+    return _podman(cfg, logger)[0] if mode == "auto" else _podman_in(cfg, logger, mode)
