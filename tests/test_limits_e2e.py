@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ def pool(tmp_path: Path):
     p = make_pool(tmp_path / "spool")
     yield p
     p.stop()
+
+
+def _node() -> str:
+    return f"lim-{uuid.uuid4().hex[:8]}"
 
 
 def _record(z: Any) -> dict[str, Any]:
@@ -59,10 +64,15 @@ print('held 3 GiB', flush=True)
 
 def test_default_config_enforces_memory_oom(tmp_path: Path, pool) -> None:
     """No executor keys at all: auto picks rootful here (rootless applies nothing on cgroup v1)."""
-    w = write_worker_config(tmp_path, pool.address, {})
+    w = write_worker_config(tmp_path, pool.address, {}, node_id=_node())
     tid = f"oom-{uuid.uuid4().hex[:8]}"
     with running_worker(w, pool):
         assert "podman mode rootful" in w.log(), w.log()[-3000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/status", timeout=10) as r:
+            executor = json.loads(r.read())["executor"]
+        assert "rootful; auto: rootless Podman applies no" in executor["reason"], executor
+        assert executor["enforces"] == {"memory": True, "cpu": True, "pids": True,
+                                        "network_isolated": True, "readonly_root": True}, executor
         upload(pool, {"main.py": ALLOC_3G}, tid, memory_gb=1)
         record = _record(result_of(pool, tid, timeout=180))
     assert record["reason"] == "out_of_memory", record
@@ -96,12 +106,13 @@ for pid in kids:
 
 
 def test_default_config_stops_a_process_flood_at_the_pids_limit(tmp_path: Path, pool) -> None:
-    w = write_worker_config(tmp_path, pool.address, {})
+    w = write_worker_config(tmp_path, pool.address, {}, node_id=_node())
     tid = f"flood-{uuid.uuid4().hex[:8]}"
     with running_worker(w, pool):
         upload(pool, {"main.py": FLOOD}, tid)
         z = result_of(pool, tid, timeout=180)
         record = _record(z)
+        assert "_hivemind/output.log" in z.namelist(), record
         out = z.read("_hivemind/output.log").decode()
     line = next(ln for ln in out.splitlines() if "forked" in ln)
     forked = int(line.split("forked", 1)[1].split()[0])
@@ -132,7 +143,7 @@ print('done', n > 0, flush=True)
                                       {"kind": "podman", "podman": {"mode": "rootful"}}],
                          ids=["venv", "rootless", "rootful"])
 def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[str, Any]) -> None:
-    w = write_worker_config(tmp_path, pool.address, executor)
+    w = write_worker_config(tmp_path, pool.address, executor, node_id=_node())
     tid = f"busy-{uuid.uuid4().hex[:8]}"
     seen: list[tuple[float, float]] = []
 
@@ -145,6 +156,8 @@ def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[st
     with running_worker(w, pool):
         upload(pool, {"main.py": BUSY}, tid, memory_gb=1)
         wait_for(sample, 120, "the task to complete, sampling its usage at the pool")
+        record = _record(result_of(pool, tid, timeout=30))
+    assert record["exit_code"] == 0, record
     assert seen, "the pool never received a TaskUsage with usage in it"
     cpu = max(c for c, _ in seen)
     mem = max(m for _, m in seen)
@@ -155,7 +168,8 @@ def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[st
 
 
 def test_rootless_record_tells_the_truth(tmp_path: Path, pool) -> None:
-    w = write_worker_config(tmp_path, pool.address, {"kind": "podman", "podman": {"mode": "rootless"}})
+    w = write_worker_config(tmp_path, pool.address, {"kind": "podman", "podman": {"mode": "rootless"}},
+                            node_id=_node())
     tid = f"rl-{uuid.uuid4().hex[:8]}"
     data = task_zip({"main.py": BUSY.replace("+ 12", "+ 4")})
     with running_worker(w, pool):
@@ -180,5 +194,5 @@ def test_rootless_record_tells_the_truth(tmp_path: Path, pool) -> None:
                              timeout=60, cwd="/", check=True).stdout.split()
     assert [prov["image_id"], prov["image_digest"]] == inspect, prov
     assert prov["mode"] == "rootless" and prov["executor"] == "podman"
-    assert prov["node_id"] == "e2e-node" and prov["auth_mode"] == "legacy" and prov["worker_version"]
+    assert prov["node_id"] == w.node_id and prov["auth_mode"] == "legacy" and prov["worker_version"]
     assert _labelled(tid, "hivemind") == []
