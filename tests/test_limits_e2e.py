@@ -146,11 +146,16 @@ def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[st
     w = write_worker_config(tmp_path, pool.address, executor, node_id=_node())
     tid = f"busy-{uuid.uuid4().hex[:8]}"
     seen: list[tuple[float, float]] = []
+    views: list[dict[str, Any]] = []
 
     def sample() -> bool:
         t = pool.task(tid)
         if t is not None and (t.cpu_usage or t.memory_usage):
             seen.append((t.cpu_usage, t.memory_usage))
+            if not views:     # the status API's live view of the same task, once
+                with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/tasks/{tid}",
+                                            timeout=10) as r:
+                    views.append(json.loads(r.read()))
         return t is not None and t.status == "COMPLETED"
 
     with running_worker(w, pool):
@@ -165,6 +170,11 @@ def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[st
     assert 20.0 <= cpu <= 100.0, seen
     # 200 MiB resident of a 1 GiB grant is about 20 %: a percentage, not MiB (200) or bytes.
     assert 10.0 <= mem <= 40.0, seen
+    view = views[0]
+    assert view["state"] == "running" and 0.0 < view["usage"]["memory_percent"] <= 100.0, view
+    assert view["usage"]["cpu_seconds"] is not None and view["usage"]["source"], view
+    assert set(view["limits"]) == {"memory_bytes", "cpus", "pids"}, view
+    assert len(view["provenance"]["archive_sha256"]) == 64, view
 
 
 def test_rootless_record_tells_the_truth(tmp_path: Path, pool) -> None:
