@@ -4,12 +4,17 @@ Task life cycle (one `_Run` per task, all state changes under `_lock`):
 
     prepare (pip container, optional) -> start: create -> inspect (what was applied) -> start
         -> monitor thread: logs --follow -> sink ... container exits -> wait -> inspect -> result
+        -> sampler thread: locate (PID, cgroup, applied limits) -> usage every 0.2 s / 1 s
     stop: podman stop (SIGTERM, grace, SIGKILL)    timeout timer: the same, reason TIMED_OUT
     recover: running -> reattach logs from the handle's start time; exited -> collect state
     cleanup: force-remove task and prepare containers (idempotent)
 
-Limits are checked, never assumed: after create the container is inspected, and a limit Podman
-did not apply (rootless on cgroup v1 applies none) is logged and reported by `probe()`.
+Limits are checked, never assumed: `probe()` starts a container built exactly like a task's and
+reads what the kernel applied from its cgroup files (kernel_limits.py); each task's own cgroup is
+read the same way once it runs, for its record (`facts()`). Rootless Podman on cgroup v1 applies
+none, and says nothing: the probe reports it, `executor.podman.mode: auto` then picks rootful.
+Usage comes from the task's own cgroup when the kernel keeps one, else from the container's
+process tree in /proc (the metrics library), sampled by one thread per task.
 """
 
 from __future__ import annotations
@@ -194,6 +199,10 @@ class PodmanExecutor:
                 self._adapter = None
         if self._owns_service:
             self._service.close()
+        with self._lock:
+            metrics, self._metrics = self._metrics, None
+        if metrics is not None:      # the executor's own source (given or opened): closed here
+            metrics.close()
 
     def _workspace_owner(self) -> tuple[int, int] | None:
         """Host uid:gid the workspace must belong to so the container's user can write it."""

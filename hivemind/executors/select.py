@@ -31,6 +31,15 @@ def _podman(cfg: Config, logger: logging.Logger) -> tuple[Executor, ExecutorStat
     from hivemind.executors.podman_mode import choose_mode, host_cgroups, worker_is_root
 
     mode = cfg.executor.podman.mode
+    if mode == "auto" and cfg.executor.podman.socket:
+        # A given socket is one service: there is no other mode to switch to.
+        from hivemind.executors.podman_service import ROOTFUL_SOCKET, _socket_path
+
+        try:
+            at_rootful = _socket_path(cfg.executor.podman.socket) == ROOTFUL_SOCKET
+        except ExecutorUnavailable:
+            at_rootful = False
+        mode = "rootful" if at_rootful else "rootless"
     if mode != "auto":
         ex = _podman_in(cfg, logger, mode)
         status = ex.probe()
