@@ -75,12 +75,15 @@ class WorkerProc:
 
 
 def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], *,
-                        extra: dict[str, Any] | None = None, node_id: str = "e2e-node") -> WorkerProc:
+                        extra: dict[str, Any] | None = None, node_id: str = "e2e-node",
+                        state_prefix: str = "hivemind-e2e-") -> WorkerProc:
     """`node_id`: a unique one keeps other test runs on this machine (which clean up the
-    containers labelled with their node) away from this worker's containers."""
+    containers labelled with their node) away from this worker's containers. `state_prefix`:
+    another one keeps conftest's sweep of new hivemind-e2e-* dirs, which a concurrent run on the
+    same machine also does, away from this state dir (running_worker removes it)."""
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
     # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
-    state = Path(tempfile.mkdtemp(prefix="hivemind-e2e-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix=state_prefix, dir="/var/tmp"))
     state.chmod(0o711)
     (tmp / "state-dir").write_text(str(state))
     pw = tmp / "pool-password"

@@ -37,8 +37,9 @@ def pool(tmp_path: Path):
     p.stop()
 
 
-def _node() -> str:
-    return f"lim-{uuid.uuid4().hex[:8]}"
+def _unique() -> dict[str, str]:
+    """A node id and state dir of this test's own, safe from concurrent runs' clean-ups."""
+    return {"node_id": f"lim-{uuid.uuid4().hex[:8]}", "state_prefix": "hivemind-limits-"}
 
 
 def _record(z: Any) -> dict[str, Any]:
@@ -64,7 +65,7 @@ print('held 3 GiB', flush=True)
 
 def test_default_config_enforces_memory_oom(tmp_path: Path, pool) -> None:
     """No executor keys at all: auto picks rootful here (rootless applies nothing on cgroup v1)."""
-    w = write_worker_config(tmp_path, pool.address, {}, node_id=_node())
+    w = write_worker_config(tmp_path, pool.address, {}, **_unique())
     tid = f"oom-{uuid.uuid4().hex[:8]}"
     with running_worker(w, pool):
         assert "podman mode rootful" in w.log(), w.log()[-3000:]
@@ -82,6 +83,23 @@ def test_default_config_enforces_memory_oom(tmp_path: Path, pool) -> None:
     assert record["provenance"]["mode"] == "rootful"
     assert record["usage"]["peak_memory_bytes"] >= 0.9 * GIB
     assert _labelled(tid) == []
+
+
+def test_the_same_allocation_succeeds_where_no_limit_is_applied(tmp_path: Path, pool) -> None:
+    """The control for the test above: forced rootless on cgroup v1, the same task holds 3 GiB,
+    and its record says the 1 GiB was requested, not applied, and measures the 3 GiB."""
+    w = write_worker_config(tmp_path, pool.address, {"kind": "podman", "podman": {"mode": "rootless"}},
+                            **_unique())
+    tid = f"noom-{uuid.uuid4().hex[:8]}"
+    with running_worker(w, pool):
+        upload(pool, {"main.py": ALLOC_3G + "import time; time.sleep(2)\n"}, tid, memory_gb=1)
+        z = result_of(pool, tid, timeout=180)
+    record = _record(z)
+    assert record["reason"] == "exited" and record["exit_code"] == 0, (record, z.namelist())
+    assert "held 3 GiB" in z.read("_hivemind/output.log").decode()
+    applied = record["limits"]["applied"]["memory_bytes"]
+    assert applied["requested"] == GIB and applied["applied"] is None, applied
+    assert record["usage"]["peak_memory_bytes"] >= 3000 << 20, record["usage"]
 
 
 FLOOD = """
@@ -106,7 +124,7 @@ for pid in kids:
 
 
 def test_default_config_stops_a_process_flood_at_the_pids_limit(tmp_path: Path, pool) -> None:
-    w = write_worker_config(tmp_path, pool.address, {}, node_id=_node())
+    w = write_worker_config(tmp_path, pool.address, {}, **_unique())
     tid = f"flood-{uuid.uuid4().hex[:8]}"
     with running_worker(w, pool):
         upload(pool, {"main.py": FLOOD}, tid)
@@ -143,7 +161,7 @@ print('done', n > 0, flush=True)
                                       {"kind": "podman", "podman": {"mode": "rootful"}}],
                          ids=["venv", "rootless", "rootful"])
 def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[str, Any]) -> None:
-    w = write_worker_config(tmp_path, pool.address, executor, node_id=_node())
+    w = write_worker_config(tmp_path, pool.address, executor, **_unique())
     tid = f"busy-{uuid.uuid4().hex[:8]}"
     seen: list[tuple[float, float]] = []
     views: list[dict[str, Any]] = []
@@ -179,7 +197,7 @@ def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[st
 
 def test_rootless_record_tells_the_truth(tmp_path: Path, pool) -> None:
     w = write_worker_config(tmp_path, pool.address, {"kind": "podman", "podman": {"mode": "rootless"}},
-                            node_id=_node())
+                            **_unique())
     tid = f"rl-{uuid.uuid4().hex[:8]}"
     data = task_zip({"main.py": BUSY.replace("+ 12", "+ 4")})
     with running_worker(w, pool):
