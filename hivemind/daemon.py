@@ -221,7 +221,8 @@ class Daemon:
         self._install_signals()
         self.worker.start()
         self.worker.recover()
-        self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ)
+        self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ,
+                                          max_archive_mb=self.cfg.archive.max_archive_mb)
         self.view_state.grpc_auth_mode = self.server.mode.value
         self.worker.context["auth_mode"] = self.server.mode.value
         self.view_state.pool_tls = self.cfg.pool.tls.enabled
@@ -356,7 +357,10 @@ class Daemon:
             self._close_partial()   # build() stopped part-way: nothing runs, close what it opened
             return
         policy = self.cfg.shutdown.policy
-        self.notifier.stopping()
+        # The drain may outlast the unit's TimeoutStopSec (a static 90 s on Debian): extend it by
+        # what this config can take, so systemd never kills the worker in mid-drain.
+        drain = self.cfg.shutdown.drain_timeout_s + self.cfg.executor.stop_grace_s + 30
+        self.notifier.stopping(extend_timeout_s=drain if policy == "drain" else None)
         self.log.info("shutting down (policy %s)", policy, extra={"event": "worker.stopping"})
         self.worker.drain()
         if self.session is not None:

@@ -3,7 +3,12 @@ in-memory tail (for the status API), and into a batch that is streamed to the po
 second. A task's first output line is streamed at once instead (dispatch latency is measured to
 it); batching starts after it. A slow or absent pool never blocks a task: batches are bounded and
 the oldest text is dropped from the stream (never from the log file, which the result carries
-whole)."""
+whole).
+
+The log file is the one copy of a task's output on disk, and it is capped (`max_bytes`,
+executor.max_output_mb): past the cap a marker line says so, later lines are counted but kept
+nowhere (not in the file, not in the stream, not in the journal), and `summary()` reports it for
+the task record. Only the in-memory tail goes on following the task."""
 
 from __future__ import annotations
 
@@ -19,17 +24,29 @@ from hivemind.executors.base import OutputLine
 
 TAIL_LINES = 200
 PENDING_LIMIT_BYTES = 1024 * 1024
+# Room kept under the cap for the marker line, so the file never passes the cap.
+MARKER_RESERVE_BYTES = 256
 
 
 class TaskOutput:
-    """The output of one task. Thread-safe: executors' reader threads call `__call__`."""
+    """The output of one task. Thread-safe: executors' reader threads call `__call__`.
+    `max_bytes` caps the log file (0: no cap)."""
 
-    def __init__(self, task_id: str, log_path: Path, on_line: Callable[[str, OutputLine], None] | None = None) -> None:
+    def __init__(self, task_id: str, log_path: Path, on_line: Callable[[str, OutputLine], None] | None = None,
+                 max_bytes: int = 0) -> None:
         self.task_id = task_id
         self.log_path = log_path
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._fh: IO[str] | None = log_path.open("a", encoding="utf-8", errors="replace")
-        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._fh: IO[bytes] | None = log_path.open("ab")
+        # A restarted worker appends to what an earlier one wrote: that counts toward the cap.
+        self.bytes_written = self._fh.tell()
+        self.truncated = False
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self._tail: collections.deque[OutputLine] = collections.deque(maxlen=TAIL_LINES)
+        self._stamp_second = -1
+        self._stamp_text = ""
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._dropped = 0
@@ -39,20 +56,50 @@ class TaskOutput:
         self.first_line_at: float | None = None
         self.lines = 0
 
+    def _stamp(self, ts: float) -> str:
+        second = int(ts)
+        if second != self._stamp_second:   # one strftime per second, not per line
+            self._stamp_second = second
+            self._stamp_text = time.strftime("%H:%M:%S", time.localtime(ts))
+        return self._stamp_text
+
+    def _record(self, line: OutputLine) -> str:
+        stamp = self._stamp(line.ts)
+        return f"[{stamp}] {line.text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {line.text}"
+
     def __call__(self, line: OutputLine) -> None:
         text = line.text
-        stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
-        record = f"[{stamp}] {text}" if line.stream != "prepare" else f"[{stamp}] (prepare) {text}"
+        if self.truncated:
+            # Past the cap (a flood): count the line and keep it for the tail, nothing else.
+            with self._lock:
+                self.lines += 1
+                self.dropped_lines += 1
+                self.dropped_bytes += len(text) + 12
+                self._tail.append(line)
+            return
         urgent = False
+        keep = True
         with self._lock:
+            record = self._record(line)
+            data = (record + "\n").encode("utf-8", errors="replace")
             if self.first_line_at is None and line.stream != "prepare":
                 self.first_line_at = line.ts
                 urgent = True
             self.lines += 1
+            self._tail.append(line)
+            if self.truncated or not self._fits(len(data)):
+                self.dropped_lines += 1
+                self.dropped_bytes += len(data)
+                if self.truncated:
+                    return
+                self.truncated, keep = True, False
+                text = (f"[hivemind: output truncated: the log reached its cap of "
+                        f"{self.max_bytes} bytes; later output is not kept]")
+                data = (f"[{self._stamp(line.ts)}] {text}\n").encode()
             if self._fh is not None:
-                self._fh.write(record + "\n")
+                self._fh.write(data)
                 self._fh.flush()
-            self._tail.append(record)
+                self.bytes_written += len(data)
             self._pending.append(text + "\n")
             self._pending_bytes += len(text) + 1
             while self._pending_bytes > PENDING_LIMIT_BYTES and len(self._pending) > 1:
@@ -61,8 +108,18 @@ class TaskOutput:
                 self._dropped += 1
         if urgent and self.on_urgent is not None:
             self.on_urgent(self)
-        if self._on_line is not None:
+        if keep and self._on_line is not None:
             self._on_line(self.task_id, line)
+
+    def _fits(self, size: int) -> bool:
+        return not self.max_bytes or self.bytes_written + size <= self.max_bytes - MARKER_RESERVE_BYTES
+
+    def summary(self) -> dict[str, int | bool]:
+        """For the task record: how much output was kept, and whether the cap cut it."""
+        with self._lock:
+            return {"bytes": self.bytes_written, "cap_bytes": self.max_bytes,
+                    "truncated": self.truncated, "dropped_lines": self.dropped_lines,
+                    "dropped_bytes": self.dropped_bytes}
 
     def take_batch(self, max_bytes: int) -> str:
         """Up to max_bytes of text not yet streamed (whole lines unless one line is longer)."""
@@ -95,7 +152,7 @@ class TaskOutput:
 
     def tail(self, n: int = 50) -> list[str]:
         with self._lock:
-            return list(self._tail)[-n:]
+            return [self._record(line) for line in list(self._tail)[-n:]]
 
     def close(self) -> None:
         with self._lock:

@@ -32,6 +32,7 @@ from hivemind.executors.base import (
     TaskHandle,
     TaskSpec,
 )
+from hivemind.executors.disk_quota import NO_QUOTA, POLL_INTERVAL_S, DiskQuota, QuotaInfo
 from hivemind.output import TaskOutput
 from hivemind.tasks.entry import discover_entry, find_requirements
 from hivemind.tasks.record import build_record
@@ -64,7 +65,7 @@ class TaskRunner:
                  advance: Callable[[str, str], None], started: Callable[[TaskHandle], None],
                  finished: Callable[[RunnerResult], None], logger: logging.Logger,
                  accepted_at: float, handle: TaskHandle | None = None,
-                 clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.time, quota: DiskQuota | None = None,
                  context: Mapping[str, str] | None = None) -> None:
         self.task_id = task_id
         self._executor = executor
@@ -84,6 +85,9 @@ class TaskRunner:
         self._log = logger
         self._clock = clock
         self._handle = handle            # set: reattach to a task an earlier daemon started
+        self._quota = quota
+        self.quota_info: QuotaInfo = NO_QUOTA
+        self.quota_hit = False
         self.accepted_at = accepted_at
         self.started_at: float | None = None
         self.stop_requested = threading.Event()
@@ -117,6 +121,8 @@ class TaskRunner:
         result: ExitResult
         try:
             if self._handle is not None:
+                if self._quota is not None:
+                    self.quota_info = self._quota.resume(self.task_id, self._paths.workspace)
                 self._executor.recover(self._handle, self.output)
                 self.started_at = float(self._handle.state.get("started_at", self._clock()))
                 result = self._wait()
@@ -139,14 +145,15 @@ class TaskRunner:
         self._advance(self.task_id, "preparing")
         ws = self._paths.workspace
         ws.mkdir(parents=True, exist_ok=True)
+        if self._quota is not None:
+            # Before extraction: the archive's files count toward the quota too.
+            self.quota_info = self._quota.apply(self.task_id, ws, self._mount_namespaces())
         assert self._archive is not None
         extract_task_archive(self._archive, ws, self._rules)
         self._archive = None  # the archive may be hundreds of MB: don't keep it for the whole run
         entry = discover_entry(ws)
         timeout = min(self._timeout, entry.timeout_s) if entry.timeout_s else self._timeout
-        limits = Limits(cpus=self._limits.cpus, memory_bytes=self._limits.memory_bytes,
-                        pids=self._limits.pids, timeout_s=timeout, tmpfs_bytes=self._limits.tmpfs_bytes,
-                        network=self._limits.network, gpu_devices=self._limits.gpu_devices)
+        limits = dataclasses.replace(self._limits, timeout_s=timeout)
         self._limits = limits           # the record names the timeout that really applied
         spec = TaskSpec(task_id=self.task_id, workspace=ws, entry=entry, limits=limits,
                         requirements=find_requirements(ws), labels=self._labels)
@@ -174,14 +181,31 @@ class TaskRunner:
 
     def _wait(self) -> ExitResult:
         next_stats = 0.0
+        next_quota = 0.0
         stopping = False
         while True:
             res = self._executor.wait(self.task_id, timeout=0.5)
             if res is not None:
-                if stopping and res.reason == ExitReason.EXITED:
+                if not self.quota_hit and res.reason in (ExitReason.EXITED, ExitReason.STOPPED) \
+                        and res.exit_code != 0 and self._quota is not None \
+                        and self._quota.exceeded(self.task_id):
+                    self.quota_hit = True   # it failed on a full workspace before we saw it
+                if self.quota_hit and res.reason in (ExitReason.EXITED, ExitReason.STOPPED):
+                    res = ExitResult(res.exit_code, ExitReason.DISK_QUOTA, res.started_at,
+                                     res.finished_at, res.peak_memory_bytes, res.cpu_seconds,
+                                     f"disk quota of {self.quota_info.quota_bytes} bytes reached "
+                                     f"({self.quota_info.method})")
+                elif stopping and res.reason == ExitReason.EXITED:
                     res = ExitResult(res.exit_code, ExitReason.STOPPED, res.started_at, res.finished_at,
                                      res.peak_memory_bytes, res.cpu_seconds, self.stop_reason)
                 return res
+            if self._quota is not None and not self.quota_hit and time.monotonic() >= next_quota:
+                # A real filesystem answers in microseconds; a polled workspace is walked.
+                poll = 0.0 if self.quota_info.method == "loop-ext4" else POLL_INTERVAL_S
+                next_quota = time.monotonic() + poll
+                if self._quota.exceeded(self.task_id):
+                    self.quota_hit = True
+                    self.request_stop(f"disk quota of {self.quota_info.quota_bytes} bytes reached")
             if self.stop_requested.is_set() and not stopping:
                 stopping = True
                 self._log.info("stopping task %s: %s", self.task_id, self.stop_reason,
@@ -210,6 +234,11 @@ class TaskRunner:
             return self._executor.facts(self.task_id)
         except Exception:
             return TaskFacts()
+
+    def _mount_namespaces(self) -> list[int]:
+        # Rootless Podman's namespace may not see host mounts made after it started.
+        pids = getattr(self._executor, "mount_namespace_pids", None)
+        return list(pids()) if callable(pids) else []
 
     def finish_now(self, result: ExitResult) -> None:
         """Pack and report `result` without running anything (a task reaped after a restart)."""
@@ -240,6 +269,8 @@ class TaskRunner:
             record["message"] = (record.get("message") or "") + f"; result packing failed: {type(exc).__name__}"
             _write_minimal_result(self._paths.result_zip, record, self._paths.output_log)
             truncated = True
+        if self._quota is not None:
+            self._quota.release(self.task_id, self._paths.workspace, self._mount_namespaces())
         shutil.rmtree(self._paths.workspace, ignore_errors=True)
         self._log.info("task %s ended: %s (exit code %s)", self.task_id, result.reason.value,
                        result.exit_code, extra={**self._extra, "event": "task.ended"})
@@ -251,7 +282,11 @@ class TaskRunner:
                             started_at=self.started_at, node_id=self._node_id,
                             executor=self._executor.name, limits=self._limits, facts=self.facts(),
                             tracker=self.usage, archive_sha256=self.archive_sha256,
-                            context=self._context)
+                            context=self._context, extra={
+                                "output": self.output.summary(),
+                                "disk_quota": self.quota_info.record(
+                                    self._quota.used(self.task_id) if self._quota is not None else None,
+                                    self.quota_hit)})
 
 
 def _write_minimal_result(path: Path, record: dict[str, Any], output_log: Path) -> None:

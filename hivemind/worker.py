@@ -24,6 +24,7 @@ from hivemind.archive import ArchiveRules, inspect_task_archive
 from hivemind.config import Config
 from hivemind.errors import ArchiveRejected, TaskNotFound
 from hivemind.executors.base import Executor, ExitReason, ExitResult, Limits, TaskHandle
+from hivemind.executors.disk_quota import DiskQuota
 from hivemind.metrics.cpuscore import cpus_for_score
 from hivemind.output import OutputStreamer, TaskOutput
 from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
@@ -79,6 +80,9 @@ class Worker:
         self.context: dict[str, str] = {}
         self.draining = False
         self._dirs = _Dirs(cfg.state_dir)
+        ex = cfg.executor
+        self.quota = DiskQuota(ex.disk_quota_mb * 1024 * 1024, ex.disk_reserve_mb * 1024 * 1024,
+                               cfg.state_dir / "disk-quota", logger)
         self.streamer = OutputStreamer(upload_output or (lambda tid, text: None),
                                        cfg.pool.output_flush_interval_s,
                                        cfg.pool.output_batch_max_kb * 1024, logger)
@@ -194,18 +198,26 @@ class Worker:
             return None, f"no free GPU with at least {memory_gb} GiB of memory"
         return min(free, key=lambda g: (mem.get(g, 0), g)), ""
 
+    def limit_notes(self) -> list[str]:
+        """How disk and output are bounded here, for status (the executor's notes sit beside)."""
+        return [f"disk quota: {self.quota.describe()}",
+                f"output: {self.cfg.executor.max_output_mb} MiB kept per task (output.log and the "
+                "container log), then marked truncated"]
+
     def _limits(self, granted: Resources) -> Limits:
         pc = self.cfg.executor.podman
         return Limits(cpus=granted.cpus, memory_bytes=granted.memory_bytes, pids=pc.pids_limit,
                       timeout_s=self.cfg.executor.task_timeout_s, tmpfs_bytes=pc.tmpfs_mb * 1024 * 1024,
                       network=pc.network == "outbound",
-                      gpu_devices=tuple(f"nvidia.com/gpu={g}" for g in granted.gpus))
+                      gpu_devices=tuple(f"nvidia.com/gpu={g}" for g in granted.gpus),
+                      output_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
 
     def _spawn(self, task_id: str, granted: Resources, archive: bytes | None, *, accepted_at: float,
                handle: TaskHandle | None = None) -> TaskRunner:
         paths = self._dirs.paths(task_id)
         paths.workspace.parent.mkdir(parents=True, exist_ok=True)
-        output = TaskOutput(task_id, paths.output_log, self._on_output_line)
+        output = TaskOutput(task_id, paths.output_log, self._on_output_line,
+                            max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
             task_id, executor=self.executor, paths=paths, archive=archive, limits=self._limits(granted),
             labels={"hivemind.node_id": self.cfg.node_id}, node_id=self.cfg.node_id, rules=self._rules,
@@ -213,8 +225,7 @@ class Worker:
             task_timeout_s=self.cfg.executor.task_timeout_s, output=output,
             advance=self._advance, started=lambda h: self._started(task_id, h),
             finished=self._finished_run, logger=self._log, accepted_at=accepted_at, handle=handle,
-            context=self.context,
-            clock=self._clock)
+            clock=self._clock, quota=self.quota, context=self.context)
         with self._lock:
             self._runners[task_id] = runner
         self.streamer.add(output)
@@ -300,6 +311,10 @@ class Worker:
                     self.executor.stop(orphan, 0)
                 self.executor.cleanup(orphan)
                 counts["orphans_removed"] += 1
+        # Before any task directory is removed: a mounted workspace would be emptied, not freed.
+        pids = getattr(self.executor, "mount_namespace_pids", None)
+        self.quota.sweep(self._dirs.tasks_root, keep=live,
+                         namespaces=list(pids()) if callable(pids) else [])
         pending = {tid for tid, _ in self.store.pending_results()}
         for d in self._dirs.tasks_root.iterdir() if self._dirs.tasks_root.exists() else []:
             if d.name not in live and d.name not in pending:
@@ -314,13 +329,15 @@ class Worker:
         now = self._clock()
         paths = self._dirs.paths(rec.task_id)
         paths.workspace.parent.mkdir(parents=True, exist_ok=True)
-        output = TaskOutput(rec.task_id, paths.output_log)
+        output = TaskOutput(rec.task_id, paths.output_log,
+                            max_bytes=self.cfg.executor.max_output_mb * 1024 * 1024)
         runner = TaskRunner(
             rec.task_id, executor=self.executor, paths=paths, archive=None,
             limits=self._limits(rec.granted), labels={}, node_id=self.cfg.node_id, rules=self._rules,
             max_result_bytes=self._result_cap(), stop_grace_s=0, task_timeout_s=1, output=output,
             advance=self._advance, started=lambda h: None, finished=self._finished_run,
-            logger=self._log, accepted_at=rec.accepted_at, clock=self._clock, context=self.context)
+            logger=self._log, accepted_at=rec.accepted_at, clock=self._clock, quota=self.quota,
+            context=self.context)
         with self._lock:
             self._runners[rec.task_id] = runner
         runner.finish_now(ExitResult(None, ExitReason.LOST, rec.started_at or now, now, message=why))

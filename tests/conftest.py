@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-STATE_ROOT = Path("/var/tmp")
+from statedir import state_root
+
+STATE_ROOT = state_root()
 PATTERN = "hivemind-e2e-*"
 
 

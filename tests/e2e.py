@@ -22,6 +22,8 @@ import yaml
 from hivemind.devpool.server import DevPool
 from hivemind.devpool.testing import free_port, task_zip, wait_for
 
+from statedir import state_root
+
 WORKER_HOST = "127.0.0.2"   # the pool skips nodes that advertise exactly 127.0.0.1
 WORKER_PASSWORD = "worker-pw-e2e-7f3a9c"
 DEV_PASSWORD = "dev-pw-e2e-51b2"
@@ -83,7 +85,7 @@ def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], 
     same machine also does, away from this state dir (running_worker removes it)."""
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
     # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
-    state = Path(tempfile.mkdtemp(prefix=state_prefix, dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix=state_prefix, dir=state_root()))
     state.chmod(0o711)
     (tmp / "state-dir").write_text(str(state))
     pw = tmp / "pool-password"

@@ -43,7 +43,7 @@ def test_defaults_are_locked_down(tmp_path: Path) -> None:
     assert {"Name": "nproc", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
     assert "devices" not in kw and "userns_mode" not in kw
     assert kw["init"] is True            # SIGTERM reaches the task; PID 1 alone ignores it
-    assert kw["log_config"] == {"Type": "k8s-file"}
+    assert kw["log_config"] == {"Type": "k8s-file", "Config": {"size": 16 * MiB}}
 
 
 def test_labels_are_ours_and_cannot_be_overridden(tmp_path: Path) -> None:
@@ -122,3 +122,9 @@ def test_prepare_spec_has_network_and_writes_only_the_build_dir(tmp_path: Path) 
     assert mounts["/workspace"].read_only is True
     assert mounts[PYCACHE_MOUNT].read_only is False and mounts[PYCACHE_MOUNT].source == "/b"
     assert rootful.read_only and rootful.cap_drop == ("ALL",)
+
+
+def test_container_log_is_capped_at_the_output_cap(tmp_path: Path) -> None:
+    spec = build_container_spec(_spec(tmp_path, output_bytes=3 * MiB), PodmanConfig(), "node-a",
+                                rootless=True)
+    assert spec.create_kwargs()["log_config"] == {"Type": "k8s-file", "Config": {"size": 3 * MiB}}

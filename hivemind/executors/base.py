@@ -32,6 +32,7 @@ class ExitReason(enum.StrEnum):
     EXITED = "exited"                  # the task ended by itself; see exit_code
     STOPPED = "stopped"                # ended by StopTaskExecution or an operator
     OUT_OF_MEMORY = "out_of_memory"
+    DISK_QUOTA = "disk_quota"          # wrote past its disk quota (workspace and temporary space)
     TIMED_OUT = "timed_out"
     FAILED_TO_START = "failed_to_start"
     LOST = "lost"                      # the daemon restarted and nothing of the task was left
@@ -48,6 +49,7 @@ class Limits:
     tmpfs_bytes: int = 256 * 1024 * 1024
     network: bool = False              # outbound network during the run
     gpu_devices: tuple[str, ...] = ()  # CDI names, e.g. "nvidia.com/gpu=0"
+    output_bytes: int = 0              # cap of the task's output log, container log too (0: none)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class Mount:
     mode: str | None = None            # tmpfs only, octal string
 
 
+DEFAULT_LOG_BYTES = 16 * 1024 * 1024   # the container log's cap when the task has no output cap
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     name: str
@@ -75,6 +78,9 @@ class ContainerSpec:
     devices: tuple[str, ...] = ()
     userns_mode: str | None = None     # rootless: keep-id:uid=..,gid=.. so the workspace stays ours
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # conmon truncates its k8s-file log when it reaches this, so the log takes at most this much
+    # disk (the worker keeps its own capped copy, output.log, from attach).
+    log_size_bytes: int = DEFAULT_LOG_BYTES
 
     def create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for podman-py `containers.create` (5.x)."""
@@ -107,7 +113,7 @@ class ContainerSpec:
                         {"Name": "nproc", "Soft": self.nproc, "Hard": self.nproc}],
             # k8s-file, not the default journald: journald may not run here, and logs --follow
             # must work for recovery after a daemon restart.
-            "log_config": {"Type": "k8s-file"},
+            "log_config": {"Type": "k8s-file", "Config": {"size": self.log_size_bytes}},
             # catatonit as PID 1: forwards SIGTERM (a bare PID 1 ignores it, so every stop would
             # wait the whole grace period) and reaps orphans.
             "init": True,
@@ -178,6 +184,7 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
         nproc=cfg.nproc,
         devices=tuple(lim.gpu_devices),
         userns_mode=f"keep-id:uid={uid},gid={gid}" if rootless else None,
+        log_size_bytes=lim.output_bytes if lim.output_bytes > 0 else DEFAULT_LOG_BYTES,
     )
 
 

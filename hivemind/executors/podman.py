@@ -76,6 +76,7 @@ from hivemind.executors.podman_adapter import (
     PodmanError,
 )
 from hivemind.executors.podman_service import PodmanService
+from hivemind.executors.proc import MAX_LINE_BYTES, LineSplitter
 from hivemind.metrics import MetricsError, MetricsSource, open_metrics
 
 HANDLE_VERSION = 1
@@ -126,18 +127,20 @@ class _Run:
 
 def _lines(frames: Iterator[LogFrame], now: Callable[[], float]) -> Iterator[OutputLine]:
     """Log frames as whole lines per stream, stamped when read (podman's own log timestamps
-    have one-second resolution)."""
-    partial: dict[str, str] = {}
+    have one-second resolution). A line longer than MAX_LINE_BYTES is cut into pieces, as on
+    the venv path; each frame's bytes are looked at once (a line without a newline used to be
+    re-joined and re-split on every frame: 48 MB of a 256 MiB line in 120 s)."""
+    splitters: dict[str, LineSplitter] = {}
     for frame in frames:
-        buf = partial.pop(frame.stream, "") + frame.data.decode("utf-8", errors="replace")
-        *complete, rest = buf.split("\n")
+        splitter = splitters.get(frame.stream)
+        if splitter is None:
+            splitter = splitters[frame.stream] = LineSplitter(MAX_LINE_BYTES)
         ts = now()
-        for line in complete:
+        for line in splitter.feed(frame.data):
             yield OutputLine(ts, frame.stream, line)
-        if rest:
-            partial[frame.stream] = rest
-    for stream, rest in partial.items():
-        yield OutputLine(now(), stream, rest)
+    for stream, splitter in splitters.items():
+        for line in splitter.flush():
+            yield OutputLine(now(), stream, line)
 
 
 class PodmanExecutor:
@@ -180,6 +183,24 @@ class PodmanExecutor:
         """uid of the user whose Podman runs tasks (None: rootful)."""
         user = self._service.service_user()
         return user.uid if user is not None else None
+
+    def mount_namespace_pids(self) -> list[int]:
+        """Processes whose mount namespace a workspace mount made on the host must also reach:
+        rootless Podman's pause process. Its namespace copied the host's mounts when it
+        started; where / is not a shared mount (no systemd), later host mounts don't reach it."""
+        if not self.rootless:
+            return []
+        try:
+            self._api()
+            user = self._service.service_user()
+        except (HivemindError, PodmanError):
+            return []
+        if user is None:
+            return []
+        try:
+            return [int(Path(user.runtime_dir, "libpod", "tmp", "pause.pid").read_text().strip())]
+        except (OSError, ValueError):
+            return []
 
     def _api(self) -> PodmanAdapter:
         uri = self._service.ensure()

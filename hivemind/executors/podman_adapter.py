@@ -262,10 +262,10 @@ def _frames(raw: Any) -> Iterator[LogFrame]:
         if len(header) < 8:
             return
         kind, size = struct.unpack(">BxxxL", header)
-        data = b""
+        data = bytearray()    # += on bytes would copy the frame once per chunk
         while len(data) < size:
-            chunk = raw.read(size - len(data))
+            chunk = raw.read(min(size - len(data), 1 << 20))
             if not chunk:
                 return
             data += chunk
-        yield LogFrame(names.get(kind, "stdout"), data)
+        yield LogFrame(names.get(kind, "stdout"), bytes(data))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import pwd
@@ -89,6 +91,24 @@ def emit(sink: OutputSink, stream: str, lines: list[str], clock: Callable[[], fl
             log.exception("output sink failed; line dropped")
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of [offset, offset+length) of a file, keeping its size (reads there
+    give zeros). False where the filesystem can't (the file then just keeps its blocks)."""
+    global _libc
+    if length <= 0:
+        return True
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return int(_libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                               offset, length)) == 0
+
+
 class FileTailer(threading.Thread):
     """Follows a log file the task writes, from `offset`, and sends its lines to the sink.
 
@@ -96,6 +116,11 @@ class FileTailer(threading.Thread):
     dies with its reader, and the task would get SIGPIPE). Polling backs off from 1 ms to 50 ms
     while the file is idle, so a first line arrives within about a millisecond of being written.
     `finish()` drains what is left once the task's processes are gone and ends the thread.
+
+    The file is not a second copy of the output: what has been read is punched out of it (its
+    blocks freed, offsets unchanged, so a restarted daemon resumes at its offset). With
+    `max_bytes`, only that much of the stream is read at all; the rest is punched out unread,
+    as soon as it is seen, so a task printing without end holds about `max_bytes` of disk here.
     """
 
     MIN_SLEEP = 0.001
@@ -103,7 +128,8 @@ class FileTailer(threading.Thread):
 
     def __init__(self, path: Path, stream: str, sink: OutputSink, log: logging.Logger, *,
                  offset: int = 0, offset_file: Path | None = None,
-                 clock: Callable[[], float] = time.time, keep_last: int = 20) -> None:
+                 clock: Callable[[], float] = time.time, keep_last: int = 20,
+                 max_bytes: int = 0) -> None:
         super().__init__(name=f"tail-{path.name}", daemon=True)
         self._path = path
         self._stream = stream
@@ -115,6 +141,10 @@ class FileTailer(threading.Thread):
         self._saved_at = 0.0
         self._clock = clock
         self._split = LineSplitter()
+        self._max_bytes = max_bytes
+        self._punched = offset           # the file before this holds no blocks (or never will)
+        self._punched_past = 0
+        self.discarded = 0               # bytes past max_bytes, never read
         self._finishing = threading.Event()
         self.last_lines: collections.deque[str] = collections.deque(maxlen=keep_last)
 
@@ -131,16 +161,54 @@ class FileTailer(threading.Thread):
         if self.is_alive():
             self.join(timeout)
 
+    def _punch_read(self, fd: int) -> None:
+        # Only what was handed out: a partial line still in the splitter is re-read on recovery.
+        if self._offset > self._punched:
+            punch_hole(fd, self._punched, self._offset - self._punched)
+            self._punched = self._offset
+
+    def _punch_past_cap(self, fd: int, size: int) -> None:
+        start = max(self._max_bytes, self._punched_past)
+        if size > start:
+            punch_hole(fd, start, size - start)
+            self._punched_past = size
+
     def run(self) -> None:
         try:
-            with open(self._path, "rb") as f:
+            with open(self._path, "r+b") as f:
+                fd = f.fileno()
                 f.seek(self._offset)
+                read_pos = self._offset
                 sleep = self.MIN_SLEEP
                 while True:
                     finishing = self._finishing.is_set()
-                    data = f.read(65536)
+                    if self._max_bytes and read_pos >= self._max_bytes:
+                        # At the cap: hand out the cut line, then skip everything new unread.
+                        if self._split.pending:
+                            pending = self._split.pending
+                            self._deliver(self._split.flush(), consumed=pending)
+                        size = os.fstat(fd).st_size
+                        if size > read_pos:
+                            self.discarded += size - read_pos
+                            read_pos = self._offset = size
+                            self._punch_read(fd)
+                            sleep = self.MIN_SLEEP
+                            continue
+                        if finishing:
+                            break
+                        self._save_offset(force=False)
+                        self._finishing.wait(sleep)
+                        sleep = min(sleep * 2, self.MAX_SLEEP)
+                        continue
+                    want = 65536 if not self._max_bytes else min(65536, self._max_bytes - read_pos)
+                    data = f.read(want)
                     if data:
+                        read_pos += len(data)
                         self._take(data)
+                        self._punch_read(fd)
+                        if self._max_bytes:
+                            # Behind the writer: what lies past the cap will never be read.
+                            self._punch_past_cap(fd, os.fstat(fd).st_size)
                         sleep = self.MIN_SLEEP
                         continue
                     if finishing:  # read after the flag was seen: nothing more can come

@@ -112,6 +112,7 @@ class _Task:
     proc: subprocess.Popen[bytes] | None = None    # None after recover: not our child
     pidfd: int = -1
     tailers: list[FileTailer] = field(default_factory=list)
+    output_bytes: int = 0              # per-stream cap of what the tailers read (0: none)
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
     result: ExitResult | None = None
@@ -224,7 +225,8 @@ class VenvExecutor:
         timeout = min(spec.limits.timeout_s, spec.entry.timeout_s or math.inf)
         task = _Task(task_id=spec.task_id, log_dir=self._tasks_dir / spec.task_id,
                      workspace=spec.workspace, started_at=now, deadline=now + timeout,
-                     uid=self._user.uid if self._user else None)
+                     uid=self._user.uid if self._user else None,
+                     output_bytes=spec.limits.output_bytes)
         with self._lock:
             self._tasks[spec.task_id] = task
         try:
@@ -243,7 +245,7 @@ class VenvExecutor:
             raise _StartError("no venv for this task's requirements: prepare() did not run or failed")
         if not spec.entry.argv:
             raise _StartError("empty entry command")
-        path = f"{venv}/bin:/usr/bin:/bin"
+        path = f"{venv}/bin:{self._cfg.task_path}"
         env = {k: v for k, v in spec.env.items() if "\0" not in k + v and "=" not in k and k}
         env.update(PATH=path, HOME=str(spec.workspace), LANG="C.UTF-8", PYTHONUNBUFFERED="1",
                    VIRTUAL_ENV=str(venv), **{MARKER_ENV: spec.task_id})
@@ -251,7 +253,7 @@ class VenvExecutor:
         exe = entry[0]
         found = (spec.workspace / exe) if "/" in exe else shutil.which(exe, path=path)
         if found is None or not os.path.exists(found):
-            raise _StartError(f"entry command {exe!r} not found in the venv or /usr/bin:/bin")
+            raise _StartError(f"entry command {exe!r} not found in the venv or {self._cfg.task_path}")
         if self._user is not None and not may_access(spec.workspace, self._user, os.X_OK):
             raise _StartError(f"task user {self._user.name} can't reach the workspace; "
                               "make the state dir's parents o+x")
@@ -322,7 +324,8 @@ class VenvExecutor:
     def _state(self, task: _Task) -> dict[str, Any]:
         return {"pid": task.pid, "pgid": task.pid, "create_time": task.create_time,
                 "started_at": task.started_at, "deadline": task.deadline,
-                "workspace": str(task.workspace), "log_dir": str(task.log_dir), "uid": task.uid}
+                "workspace": str(task.workspace), "log_dir": str(task.log_dir), "uid": task.uid,
+                "output_bytes": task.output_bytes}
 
     def _handle(self, task: _Task) -> TaskHandle:
         return TaskHandle(version=HANDLE_VERSION, task_id=task.task_id, executor=self.name,
@@ -331,7 +334,8 @@ class VenvExecutor:
     def _start_threads(self, task: _Task, sink: OutputSink, offsets: tuple[int, int]) -> None:
         for stream, offset in zip(("stdout", "stderr"), offsets, strict=True):
             t = FileTailer(task.log_dir / f"{stream}.log", stream, sink, self._log, offset=offset,
-                           offset_file=task.log_dir / f"{stream}.offset", clock=self._clock)
+                           offset_file=task.log_dir / f"{stream}.offset", clock=self._clock,
+                           max_bytes=task.output_bytes)
             t.start()
             task.tailers.append(t)
         threading.Thread(target=self._watch, args=(task,), name=f"venv-wait-{task.task_id}",
@@ -349,7 +353,8 @@ class VenvExecutor:
         log_dir = Path(st["log_dir"])
         task = _Task(task_id=handle.task_id, log_dir=log_dir, workspace=Path(st["workspace"]),
                      started_at=float(st["started_at"]), deadline=float(st["deadline"]),
-                     uid=st.get("uid"), pid=int(st["pid"]), create_time=float(st["create_time"]))
+                     uid=st.get("uid"), pid=int(st["pid"]), create_time=float(st["create_time"]),
+                     output_bytes=int(st.get("output_bytes", 0)))
         alive = task.pid > 0 and same_process(task.pid, task.create_time)
         if alive:
             try:
