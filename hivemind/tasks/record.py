@@ -42,8 +42,9 @@ def usage_record(result: ExitResult | None, tracker: UsageTracker, facts: TaskFa
 def build_record(*, task_id: str, result: ExitResult, accepted_at: float,
                  started_at: float | None, node_id: str, executor: str, limits: Limits,
                  facts: TaskFacts, tracker: UsageTracker, archive_sha256: str | None,
-                 context: Mapping[str, str]) -> dict[str, Any]:
-    """`context`: facts of the worker rather than the task (auth_mode)."""
+                 context: Mapping[str, str], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`context`: facts of the worker rather than the task (auth_mode); `extra`: more sections
+    the runner owns (output summary, disk quota)."""
     usage = usage_record(result, tracker, facts)
     provenance = {"archive_sha256": archive_sha256, **facts.provenance,
                   "executor": executor, "worker_version": __version__, "node_id": node_id,
@@ -68,4 +69,5 @@ def build_record(*, task_id: str, result: ExitResult, accepted_at: float,
         # Kept at the top level for readers of the earlier record.
         "peak_memory_bytes": usage["peak_memory_bytes"],
         "cpu_seconds": usage["cpu_seconds"],
+        **(extra or {}),
     }
