@@ -107,11 +107,19 @@ class PodmanConfig:
 class VenvConfig:
     cache_dir: str = opt("", "Where venvs are cached by requirements hash; empty means STATE_DIR/venvs.", path=True)
     python: str = opt("", "Interpreter for task venvs; empty means /usr/bin/python3 if present, else the worker's base interpreter.")
-    task_user: str = opt("nobody", "Unprivileged user tasks run as when the worker is root.")
+    task_user: str = opt("nobody", "Unprivileged user that builds venvs (and runs tasks when uid_range_size is 0) when the worker is root.")
+    uid_range_start: int = opt(2_147_000_000, "First uid (and gid) of the range each running task gets its own uid from, when the worker is root; no account, group or /etc/subuid range may use it.", min=1000, max=4_294_000_000)
+    uid_range_size: int = opt(1000, "How many uids the range has (at least the slots); 0 runs every task as task_user (weaker).", min=0, max=1_000_000)
     nofile: int = opt(1024, "RLIMIT_NOFILE of a task.", min=64, max=1048576)
     nproc: int = opt(512, "RLIMIT_NPROC of a task (per user).", min=16, max=1048576)
     # NixOS has no /usr/bin: its module points this at the system profile, where bash lives.
     task_path: str = opt("/usr/bin:/bin", "PATH of a task after its venv's bin directory.")
+
+
+@dataclass(frozen=True)
+class RequirementsConfig:
+    index_url: str = opt("", "Package index requirements.txt is fetched from (wheels only); empty means the index pip on this host uses by default (pip.conf, PIP_INDEX_URL), else PyPI. Tasks can never choose one.")
+    proxy: str = opt("", "HTTP(S) proxy for fetching wheels (http://host:port); empty means none.")
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class ExecutorConfig:
     disk_reserve_mb: int = opt(2048, "Free space kept for the host: a task's quota is lowered to what is free beyond this.", min=0, max=16 * 1024 * 1024)
     podman: PodmanConfig = field(default_factory=PodmanConfig, metadata={"doc": "Podman executor."})
     venv: VenvConfig = field(default_factory=VenvConfig, metadata={"doc": "venv fallback executor."})
+    requirements: RequirementsConfig = field(default_factory=RequirementsConfig, metadata={"doc": "How requirements.txt is fetched (both executors)."})
 
 
 @dataclass(frozen=True)
@@ -281,6 +290,15 @@ def _cross_checks(cfg: Config, environ: Mapping[str, str], problems: list[str]) 
             problems.append(f"{key}: secret file {str(path)!r} is not readable; fix its owner or mode")
     if cfg.server.advertise_host == "127.0.0.1":
         problems.append("server.advertise_host: '127.0.0.1' is skipped by the pool; use another loopback address such as 127.0.0.2")
+    ven = cfg.executor.venv
+    if ven.uid_range_size and cfg.executor.slots > ven.uid_range_size:
+        problems.append(f"executor.venv.uid_range_size: {ven.uid_range_size} is less than "
+                        f"executor.slots ({cfg.executor.slots}); each running task needs a uid")
+    req = cfg.executor.requirements
+    if req.index_url and not req.index_url.startswith(("http://", "https://", "file:///")):
+        problems.append(f"executor.requirements.index_url: {req.index_url!r} must be an http://, https:// or file:/// URL")
+    if req.proxy and not req.proxy.startswith(("http://", "https://")):
+        problems.append(f"executor.requirements.proxy: {req.proxy!r} must be an http:// or https:// URL")
     if ":" not in cfg.pool.address:
         problems.append(f"pool.address: {cfg.pool.address!r} needs host:port")
     if (cfg.status.enabled and not _is_loopback(cfg.status.listen_host) and not cfg.status.token_file):

@@ -1,5 +1,15 @@
 """One task's run, in its own thread: extract → prepare → start → wait → pack the result.
 
+The order at the end is what makes a crash harmless (fault points in brackets):
+
+    task ends [task_exited] → output log closed → result.zip packed and fsynced [result_packed]
+      → `result_ready`: the worker records "result pending" [result_pending]
+      → container/processes and workspace removed → `finished`: output rest, then the upload
+
+Until "result pending" is committed, the container (or the venv task's exit record) and the
+workspace are still there, so a restarted worker reattaches and packs the same result again;
+after it, the restarted worker only resends. Never is a LOST result packed over a real one.
+
 The runner knows nothing about gRPC or the pool: it reports through the callbacks it is given
 (`advance` for state changes, `finished` with the packed result) and talks to its executor only
 through the narrow Executor interface. Stop requests arrive as an event; the runner turns them
@@ -12,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -20,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hivemind import faults
 from hivemind.archive import ArchiveRules, extract_task_archive, pack_result
 from hivemind.errors import HivemindError, TaskNotFound
 from hivemind.executors.base import (
@@ -36,6 +48,7 @@ from hivemind.executors.disk_quota import NO_QUOTA, POLL_INTERVAL_S, DiskQuota, 
 from hivemind.output import TaskOutput
 from hivemind.tasks.entry import discover_entry, find_requirements
 from hivemind.tasks.record import build_record
+from hivemind.tasks.store import fsync_file
 from hivemind.tasks.usage import UsageTracker
 
 STATS_INTERVAL_S = 2.0
@@ -46,6 +59,8 @@ class RunnerPaths:
     workspace: Path        # the task's cwd
     output_log: Path
     result_zip: Path
+    archive: Path | None = None    # the persisted task archive (read when no bytes are given)
+    starting: Path | None = None   # marker: executor.start was called, the handle may not be saved
 
 
 @dataclass
@@ -59,13 +74,14 @@ class RunnerResult:
 
 class TaskRunner:
     def __init__(self, task_id: str, *, executor: Executor, paths: RunnerPaths,
-                 archive: bytes | None, limits: Limits,
+                 archive: bytes | Path | None, limits: Limits,
                  labels: dict[str, str], node_id: str, rules: ArchiveRules, max_result_bytes: int,
                  stop_grace_s: float, task_timeout_s: float, output: TaskOutput,
                  advance: Callable[[str, str], None], started: Callable[[TaskHandle], None],
                  finished: Callable[[RunnerResult], None], logger: logging.Logger,
                  accepted_at: float, handle: TaskHandle | None = None,
                  clock: Callable[[], float] = time.time, quota: DiskQuota | None = None,
+                 result_ready: Callable[[RunnerResult], None] = lambda res: None,
                  context: Mapping[str, str] | None = None) -> None:
         self.task_id = task_id
         self._executor = executor
@@ -82,6 +98,7 @@ class TaskRunner:
         self._advance = advance
         self._started_cb = started
         self._finished_cb = finished
+        self._result_ready_cb = result_ready
         self._log = logger
         self._clock = clock
         self._handle = handle            # set: reattach to a task an earlier daemon started
@@ -95,7 +112,7 @@ class TaskRunner:
         self.usage = UsageTracker()
         self._context = context if context is not None else {}
         # Kept in the handle too, so a restarted worker's record still names the archive.
-        self.archive_sha256: str | None = (hashlib.sha256(archive).hexdigest() if archive is not None
+        self.archive_sha256: str | None = (hashlib.sha256(archive).hexdigest() if isinstance(archive, bytes)
                                            else (handle.state.get("archive_sha256") if handle else None))
         self._facts: TaskFacts | None = None
         self._thread = threading.Thread(target=self._run, name=f"task-{task_id}", daemon=True)
@@ -123,7 +140,8 @@ class TaskRunner:
             if self._handle is not None:
                 if self._quota is not None:
                     self.quota_info = self._quota.resume(self.task_id, self._paths.workspace)
-                self._executor.recover(self._handle, self.output)
+                # Resume after the last line the log holds: nothing twice, nothing skipped.
+                self._executor.recover(self._handle, self.output, resume=self.output.positions())
                 self.started_at = float(self._handle.state.get("started_at", self._clock()))
                 result = self._wait()
             else:
@@ -139,6 +157,7 @@ class TaskRunner:
                 self._log.exception("task %s failed in the worker", self.task_id,
                                     extra={**self._extra, "event": "task.internal_error"})
             result = ExitResult(None, ExitReason.FAILED_TO_START, self.started_at or now, now, message=msg)
+        faults.hit("task_exited", self.task_id)
         self._finish(result)
 
     def _fresh_run(self) -> ExitResult:
@@ -148,9 +167,15 @@ class TaskRunner:
         if self._quota is not None:
             # Before extraction: the archive's files count toward the quota too.
             self.quota_info = self._quota.apply(self.task_id, ws, self._mount_namespaces())
-        assert self._archive is not None
-        extract_task_archive(self._archive, ws, self._rules)
-        self._archive = None  # the archive may be hundreds of MB: don't keep it for the whole run
+        archive = self._archive
+        if isinstance(archive, Path):
+            archive = archive.read_bytes()
+        assert archive is not None
+        self.archive_sha256 = self.archive_sha256 or hashlib.sha256(archive).hexdigest()
+        extract_task_archive(archive, ws, self._rules)
+        # The archive may be hundreds of MB: don't keep it for the whole run.
+        self._archive = archive = None
+        faults.hit("preparing", self.task_id)
         entry = discover_entry(ws)
         timeout = min(self._timeout, entry.timeout_s) if entry.timeout_s else self._timeout
         limits = dataclasses.replace(self._limits, timeout_s=timeout)
@@ -170,11 +195,16 @@ class TaskRunner:
             now = self._clock()
             return ExitResult(None, ExitReason.STOPPED, now, now, message=self.stop_reason)
         self.started_at = self._clock()
+        if self._paths.starting is not None:
+            # A restarted worker that finds this without a handle can't know whether the task ran:
+            # it reports it lost rather than starting it a second time.
+            self._paths.starting.touch()
         handle = self._executor.start(spec, self.output)
         handle = dataclasses.replace(handle, state={**handle.state, "archive_sha256": self.archive_sha256})
         self._handle = handle
         self._started_cb(handle)
         self._advance(self.task_id, "running")
+        faults.hit("running", self.task_id)
         self._log.info("task %s started (%s)", self.task_id, " ".join(entry.argv),
                        extra={**self._extra, "event": "task.started"})
         return self._wait()
@@ -245,15 +275,13 @@ class TaskRunner:
         self._finish(result)
 
     def _finish(self, result: ExitResult) -> None:
-        self._facts = self.facts()      # before cleanup, which forgets the task
-        try:
-            self._executor.cleanup(self.task_id)
-        except Exception as exc:
-            self._log.warning("cleanup of %s failed: %s", self.task_id, exc,
-                              extra={**self._extra, "event": "task.cleanup_failed"})
+        self._facts = self.facts()      # kept: cleanup below makes the executor forget the task
         self.output.close()
         record = self.execution_record(result)
         self._paths.result_zip.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before any byte is written: a task's result is root's (the worker's) only.
+        os.close(os.open(self._paths.result_zip, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(self._paths.result_zip, 0o600)
         ws = self._paths.workspace if self._paths.workspace.is_dir() else None
         try:
             if ws is None:
@@ -269,13 +297,26 @@ class TaskRunner:
             record["message"] = (record.get("message") or "") + f"; result packing failed: {type(exc).__name__}"
             _write_minimal_result(self._paths.result_zip, record, self._paths.output_log)
             truncated = True
+        fsync_file(self._paths.result_zip)
+        faults.hit("result_packed", self.task_id)
+        res = RunnerResult(result, self._paths.result_zip, truncated, record, self.output.tail(50))
+        # Durable before anything it stands for is removed: after this a restart only resends.
+        self._result_ready_cb(res)
+        faults.hit("result_pending", self.task_id)
+        try:
+            self._executor.cleanup(self.task_id)
+        except Exception as exc:
+            self._log.warning("cleanup of %s failed: %s", self.task_id, exc,
+                              extra={**self._extra, "event": "task.cleanup_failed"})
         if self._quota is not None:
             self._quota.release(self.task_id, self._paths.workspace, self._mount_namespaces())
         shutil.rmtree(self._paths.workspace, ignore_errors=True)
+        for leftover in (self._paths.archive, self._paths.starting):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
         self._log.info("task %s ended: %s (exit code %s)", self.task_id, result.reason.value,
                        result.exit_code, extra={**self._extra, "event": "task.ended"})
-        self._finished_cb(RunnerResult(result, self._paths.result_zip, truncated, record,
-                                       self.output.tail(50)))
+        self._finished_cb(res)
 
     def execution_record(self, result: ExitResult) -> dict[str, Any]:
         return build_record(task_id=self.task_id, result=result, accepted_at=self.accepted_at,
@@ -284,6 +325,10 @@ class TaskRunner:
                             tracker=self.usage, archive_sha256=self.archive_sha256,
                             context=self._context, extra={
                                 "output": self.output.summary(),
+                                # What the executor could really give this task (venv: uid,
+                                # namespaces), as it said.
+                                "isolation": dict(self._handle.state.get("isolation") or {})
+                                if self._handle else None,
                                 "disk_quota": self.quota_info.record(
                                     self._quota.used(self.task_id) if self._quota is not None else None,
                                     self.quota_hit)})

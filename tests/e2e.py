@@ -29,6 +29,10 @@ WORKER_PASSWORD = "worker-pw-e2e-7f3a9c"
 DEV_PASSWORD = "dev-pw-e2e-51b2"
 
 
+# Every state directory write_worker_config made in this process (conftest removes them).
+STATE_DIRS: list[Path] = []
+
+
 def make_pool(spool: Path, port: int = 0) -> DevPool:
     pool = DevPool("127.0.0.1", port, users={"dev": DEV_PASSWORD, "worker": WORKER_PASSWORD},
                    dispatch_interval_s=0.2, spool_dir=spool)
@@ -80,12 +84,11 @@ def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], 
                         extra: dict[str, Any] | None = None, node_id: str = "e2e-node",
                         state_prefix: str = "hivemind-e2e-") -> WorkerProc:
     """`node_id`: a unique one keeps other test runs on this machine (which clean up the
-    containers labelled with their node) away from this worker's containers. `state_prefix`:
-    another one keeps conftest's sweep of new hivemind-e2e-* dirs, which a concurrent run on the
-    same machine also does, away from this state dir (running_worker removes it)."""
+    containers labelled with their node) away from this worker's containers."""
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
     # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
     state = Path(tempfile.mkdtemp(prefix=state_prefix, dir=state_root()))
+    STATE_DIRS.append(state)
     state.chmod(0o711)
     (tmp / "state-dir").write_text(str(state))
     pw = tmp / "pool-password"
@@ -129,7 +132,8 @@ def _raise(w: WorkerProc) -> bool:
     raise AssertionError(f"worker died:\n{w.log()[-4000:]}")
 
 
-def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1) -> None:
+def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1,
+           cpu_score: int = 0) -> None:
     """Queue a task in the pool through its real gRPC API, as a user would."""
     import grpc
 
@@ -141,7 +145,8 @@ def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb
         token = pbg.UserServiceStub(ch).Login(pb.LoginRequest(username="dev", password=DEV_PASSWORD)).token
         md = [("authorization", f"Bearer {token}")]
         resp = pbg.MasterNodeServiceStub(ch).UploadTask(
-            pb.UploadTaskRequest(task_id=task_id, task_zip=data, memory_gb=memory_gb, token=token), metadata=md)
+            pb.UploadTaskRequest(task_id=task_id, task_zip=data, memory_gb=memory_gb, cpu_score=cpu_score,
+                                 token=token), metadata=md)
         assert resp.success, resp.message
 
 
@@ -168,3 +173,15 @@ def result_of(pool: DevPool, task_id: str, timeout: float = 120) -> zipfile.ZipF
         raise AssertionError(f"task {task_id}: {t.status if t else 'unknown'}: {t.message if t else ''}") from None
     assert t.result_path is not None
     return zipfile.ZipFile(io.BytesIO(t.result_path.read_bytes()))
+
+
+def status_get(w: WorkerProc, path: str) -> bytes:
+    """GET from the worker's status API with its token (generated in the state dir when the
+    config names none: task data always needs it)."""
+    import urllib.request
+
+    token = (w.state_dir / "status-token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{w.status_port}{path}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return bytes(r.read())

@@ -29,6 +29,8 @@ from hivemind.executors.disk_quota import DiskQuota, DiskQuotaError
 from hivemind.output import TaskOutput
 from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
 
+from statedir import state_root
+
 MiB = 1024 * 1024
 QUOTA = 64 * MiB
 LOG = logging.getLogger("test.disk_quota")
@@ -143,8 +145,8 @@ def _hivemind_user() -> bool:
 
 @pytest.fixture(scope="module", params=["venv", "podman", "podman-rootless"])
 def executor(request: pytest.FixtureRequest) -> Iterator[Executor]:
-    # /var/tmp and 0755: the rootless service runs as `hivemind`, which must reach the state.
-    state = Path(tempfile.mkdtemp(prefix="hm-quota-ex-", dir="/var/tmp"))
+    # A state root others can traverse, 0755: the rootless service runs as `hivemind`, which must reach the state.
+    state = Path(tempfile.mkdtemp(prefix="hm-quota-ex-", dir=state_root()))
     state.chmod(0o755)
     node = f"quota-{uuid.uuid4().hex[:8]}"
     try:
@@ -207,7 +209,7 @@ def run_task(executor: Executor, base: Path, quota: DiskQuota) -> RunnerResult:
 
 @needs_loop
 def test_a_task_past_its_quota_is_stopped_with_reason_disk_quota(executor: Executor) -> None:
-    base = Path(tempfile.mkdtemp(prefix="hm-quota-run-", dir="/var/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="hm-quota-run-", dir=state_root()))
     base.chmod(0o755)
     try:
         _quota_run(executor, base)
@@ -235,3 +237,25 @@ def _quota_run(executor: Executor, base: Path) -> None:
     # Nothing left: no mount, no image, no workspace.
     assert _mounts_under(base) == []
     assert list((base / "images").glob("*.img")) == []
+
+
+def test_polling_sees_through_an_unreadable_directory(base: Path) -> None:
+    """A task hiding its files behind chmod 000 is still caught (by the filesystem's growth)."""
+    if os.geteuid() == 0:
+        # Root reads any directory; run the probe as nobody where we can.
+        pytest.skip("root bypasses directory permissions: the hiding can't happen")
+    quota = DiskQuota(QUOTA, 0, base / "images", LOG, loop=False)
+    ws = base / "ws2"
+    ws.mkdir()
+    quota.apply("t5", ws)
+    hidden = ws / "hidden"
+    hidden.mkdir()
+    with open(hidden / "big.bin", "wb") as f:
+        for _ in range(QUOTA // MiB + 2):
+            f.write(b"\1" * MiB)
+        os.fsync(f.fileno())
+    hidden.chmod(0)
+    try:
+        assert quota.exceeded("t5")
+    finally:
+        hidden.chmod(0o700)

@@ -383,7 +383,7 @@ def test_module_hygiene(minimal: dict[str, Any]) -> None:
 FLAKE_MODULE = """
 let
   lib = import LIB;
-  inherit (import ./tests/nix/eval-module.nix { inherit lib; hostConfig = { }; }) pkgs;
+  pkgs = import ./tests/nix/stub-pkgs.nix { inherit lib; };
   nixpkgs = { inherit lib; legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (_: pkgs); };
   self = (import ./flake.nix).outputs { inherit self nixpkgs; };
   evaluated = import ./tests/nix/eval-module.nix {

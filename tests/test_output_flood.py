@@ -32,6 +32,8 @@ from hivemind.logging_setup import log_task_output, setup_logging
 from hivemind.output import TaskOutput
 from hivemind.runner import RunnerPaths, RunnerResult, TaskRunner
 
+from statedir import state_root
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 CAP = 8 * MiB
@@ -57,13 +59,24 @@ def _podman_usable() -> bool:
 
 @pytest.fixture(scope="module")
 def state() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hm-flood-"))
+    # Under the shared state root: the venv task user and rootless Podman's user reach it.
+    d = Path(tempfile.mkdtemp(prefix="hm-flood-", dir=state_root()))
     d.chmod(0o755)   # the venv task user must reach its workspace
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", params=["venv", "podman"])
+def _hivemind_user() -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam("hivemind")
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="module", params=["venv", "podman", "podman-rootless"])
 def executor(request: pytest.FixtureRequest, state: Path) -> Iterator[Executor]:
     node = f"flood-{uuid.uuid4().hex[:8]}"
     if request.param == "venv":
@@ -79,6 +92,16 @@ def executor(request: pytest.FixtureRequest, state: Path) -> Iterator[Executor]:
     from hivemind.executors.podman import PodmanExecutor
     from hivemind.executors.podman_service import PodmanService
 
+    if request.param == "podman-rootless":
+        if not _hivemind_user():
+            pytest.skip("scripts/setup-podman has not created the hivemind user")
+        rootless = PodmanExecutor(PodmanConfig(mode="rootless"), node, state / "rootless-state",
+                                  LOG, 60)
+        try:
+            yield rootless
+        finally:
+            rootless.close()
+        return
     sock_dir = Path(tempfile.mkdtemp(prefix="hm-flood-podman-"))
     svc = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock_dir / "p.sock"))
     svc.ensure()
@@ -99,9 +122,15 @@ def _allocated(path: Path) -> int:
         return 0
 
 
-def _container_log(name: str) -> Path | None:
-    out = subprocess.run(["podman", "inspect", "--format", "{{.HostConfig.LogConfig.Path}}", name],
-                         capture_output=True, text=True)
+def _container_log(name: str, rootless: bool) -> Path | None:
+    argv = ["podman", "inspect", "--format", "{{.HostConfig.LogConfig.Path}}", name]
+    if rootless:   # the container belongs to the hivemind user's Podman
+        import pwd
+
+        pw = pwd.getpwnam("hivemind")
+        argv = ["runuser", "-u", "hivemind", "--", "env", f"HOME={pw.pw_dir}",
+                f"XDG_RUNTIME_DIR=/run/user/{pw.pw_uid}", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd="/")
     path = out.stdout.strip()
     return Path(path) if out.returncode == 0 and path else None
 
@@ -146,7 +175,8 @@ def run_task(executor: Executor, base: Path, script: str) -> tuple[RunnerResult,
             if not container_log:
                 from hivemind.executors.container_spec import container_name
 
-                log_path = _container_log(container_name(executor._node, task_id))  # type: ignore[attr-defined]
+                log_path = _container_log(container_name(executor._node, task_id),  # type: ignore[attr-defined]
+                                          bool(getattr(executor, "rootless", False)))
                 if log_path is not None:
                     container_log.append(log_path)
             found += container_log

@@ -11,7 +11,9 @@ Calling rules, for every executor:
 - `cleanup` is idempotent and removes everything the executor created for the task (container,
   process group, locks), never the workspace (the runner packs the result from it first).
 - `recover` reattaches to a task started by an earlier daemon from its handle; raises TaskNotFound
-  when nothing is left of it.
+  when nothing is left of it. `resume` maps each stream to the `pos` of the last line the sink
+  already holds: the executor delivers exactly the lines after it (none twice, none skipped),
+  also for a task that exited while no daemon watched. None: from the executor's own record.
 - `orphans` lists task ids of things this executor labelled and that still exist.
 - `stats` and `facts` may be called from any thread while the task is known (after `start` or
   `recover`, until `cleanup`); `facts` says what the task really got (limits the kernel applied,
@@ -76,6 +78,9 @@ class OutputLine:
     ts: float                          # time.time() when the line was read
     stream: str                        # "stdout" | "stderr" | "prepare"
     text: str                          # without the trailing newline
+    # Where this line ends in the executor's own source, per stream (a byte offset, a line
+    # count); -1 when it has none. A restarted worker hands the last recorded one to `recover`.
+    pos: int = -1
 
 
 OutputSink = Callable[[OutputLine], None]
@@ -162,7 +167,8 @@ class Executor(Protocol):
 
     def start(self, spec: TaskSpec, sink: OutputSink) -> TaskHandle: ...
 
-    def recover(self, handle: TaskHandle, sink: OutputSink) -> None: ...
+    def recover(self, handle: TaskHandle, sink: OutputSink,
+                resume: Mapping[str, int] | None = None) -> None: ...
 
     def wait(self, task_id: str, timeout: float | None = None) -> ExitResult | None: ...
 

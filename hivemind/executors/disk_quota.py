@@ -63,9 +63,11 @@ class QuotaInfo:
 NO_QUOTA = QuotaInfo(0, "none", "no disk quota (executor.disk_quota_mb: 0)")
 
 
-def _tree_bytes(root: Path) -> int:
-    """Allocated bytes under `root`, never following symlinks."""
+def _tree_bytes(root: Path) -> tuple[int, bool]:
+    """Allocated bytes under `root`, never following symlinks, and whether every directory
+    could be read (a task can chmod one of its directories to 000)."""
     total = 0
+    complete = True
     stack = [str(root)]
     while stack:
         try:
@@ -74,13 +76,21 @@ def _tree_bytes(root: Path) -> int:
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except OSError:
+                        complete = False
                         continue
                     total += st.st_blocks * 512
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
-        except OSError:
+        except FileNotFoundError:
             continue
-    return total
+        except OSError:
+            complete = False
+    return total, complete
+
+
+def _fs_used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 class DiskQuota:
@@ -93,6 +103,7 @@ class DiskQuota:
         self._lock = threading.Lock()
         self._active: dict[str, tuple[QuotaInfo, Path]] = {}
         self._ns_pids: dict[str, list[int]] = {}
+        self._fs_baseline: dict[str, int] = {}
         self._loop = self._loop_usable() if loop is None else loop
 
     @staticmethod
@@ -153,6 +164,7 @@ class DiskQuota:
                 info = QuotaInfo(quota, "polling",
                                  f"workspace size polled every {POLL_INTERVAL_S:g} s; a fast "
                                  "writer passes the quota by what it writes in that time")
+                self._fs_baseline[task_id] = _fs_used(workspace)
             self._active[task_id] = (info, workspace)
         if quota < self.quota_bytes:
             self._log.info("task %s: disk quota lowered to %d MiB (free space beyond the reserve)",
@@ -209,7 +221,7 @@ class DiskQuota:
             if info.method == "loop-ext4":
                 st = os.statvfs(workspace)
                 return (st.f_blocks - st.f_bfree) * st.f_frsize
-            return _tree_bytes(workspace)
+            return _tree_bytes(workspace)[0]
         except OSError:
             return None
 
@@ -225,7 +237,14 @@ class DiskQuota:
             if info.method == "loop-ext4":
                 st = os.statvfs(workspace)
                 return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
-            return _tree_bytes(workspace) >= info.quota_bytes
+            used, complete = _tree_bytes(workspace)
+            if used >= info.quota_bytes:
+                return True
+            # A directory we can't read hides what is in it: then the filesystem's growth since
+            # the task started counts instead (which also counts what others wrote meanwhile).
+            baseline = self._fs_baseline.get(task_id)
+            return not complete and baseline is not None and \
+                _fs_used(workspace) - baseline >= info.quota_bytes
         except OSError:
             return False
 
@@ -254,6 +273,7 @@ class DiskQuota:
         mount namespaces it was mounted in (and `namespaces`). Idempotent."""
         with self._lock:
             self._active.pop(task_id, None)
+            self._fs_baseline.pop(task_id, None)
             pids = set(self._ns_pids.pop(task_id, [])) | set(namespaces)
         for pid in pids:
             with contextlib.suppress(OSError, DiskQuotaError):

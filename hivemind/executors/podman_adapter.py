@@ -10,6 +10,7 @@ import contextlib
 import json
 import socket
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -153,9 +154,18 @@ class PodmanAdapter:
 
     def remove(self, ref: str) -> None:
         """Force-remove with its anonymous volumes; a missing container is fine."""
-        with contextlib.suppress(TaskNotFound):
-            self._call("remove", ref, "delete", f"/containers/{ref}",
-                       {"force": True, "v": True, "timeout": 0})
+        for attempt in range(20):
+            try:
+                with contextlib.suppress(TaskNotFound):
+                    self._call("remove", ref, "delete", f"/containers/{ref}",
+                               {"force": True, "v": True, "timeout": 0})
+                return
+            except PodmanError as exc:
+                # With userns=auto, conmon's cleanup of a container that just exited may still
+                # hold its shm mount: EBUSY for a moment, then the remove works.
+                if "resource busy" not in str(exc) or attempt == 19:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def inspect(self, ref: str) -> ContainerState:
         data: dict[str, Any] = self._call("inspect", ref, "get", f"/containers/{ref}/json").json()

@@ -66,8 +66,8 @@ def choose_mode(host: HostCgroups, rootless: ExecutorStatus, rootful: ExecutorSt
                 "(scripts/setup-podman)")
         return ModeChoice("rootless", f"{gap}; rootful Podman needs a root worker{hint}", False)
     if rootful is not None and enforces_all(rootful):
-        return ModeChoice("rootful", f"{gap}; the worker is root, so rootful Podman runs tasks "
-                                     "and enforces them", True)
+        return ModeChoice("rootful", f"{gap}; the worker is root, so rootful Podman (tasks in a user "
+                                     "namespace) enforces them", True)
     if rootful is not None and rootful.usable:
         return ModeChoice("rootful", f"{gap}; rootful Podman does not enforce them either", False)
     if rootless.usable:

@@ -47,16 +47,20 @@ class LineSplitter:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[str]:
+        return [text for text, _ in self.feed_sized(data)]
+
+    def feed_sized(self, data: bytes) -> list[tuple[str, int]]:
+        """Like `feed`, with the number of input bytes each line used up (its newline included)."""
         self._buf += data
-        out: list[str] = []
+        out: list[tuple[str, int]] = []
         while self._buf:
             nl = self._buf.find(b"\n", 0, self._max + 1)
             if nl != -1:
-                out.append(_decode(self._buf[:nl]))
+                out.append((_decode(self._buf[:nl]), nl + 1))
                 del self._buf[: nl + 1]
             elif len(self._buf) > self._max:
                 cut = _utf8_cut(self._buf, self._max)
-                out.append(_decode(self._buf[:cut]))
+                out.append((_decode(self._buf[:cut]), cut))
                 del self._buf[:cut]
             else:
                 break
@@ -83,10 +87,11 @@ def _utf8_cut(buf: bytearray, limit: int) -> int:
 
 
 def emit(sink: OutputSink, stream: str, lines: list[str], clock: Callable[[], float],
-         log: logging.Logger) -> None:
-    for text in lines:
+         log: logging.Logger, positions: list[int] | None = None) -> None:
+    for i, text in enumerate(lines):
         try:
-            sink(OutputLine(ts=clock(), stream=stream, text=text))
+            sink(OutputLine(ts=clock(), stream=stream, text=text,
+                            pos=positions[i] if positions is not None else -1))
         except Exception:  # a broken sink must not stop the reader: the task keeps running
             log.exception("output sink failed; line dropped")
 
@@ -186,7 +191,7 @@ class FileTailer(threading.Thread):
                         # At the cap: hand out the cut line, then skip everything new unread.
                         if self._split.pending:
                             pending = self._split.pending
-                            self._deliver(self._split.flush(), consumed=pending)
+                            self._deliver([(t, pending) for t in self._split.flush()])
                         size = os.fstat(fd).st_size
                         if size > read_pos:
                             self.discarded += size - read_pos
@@ -213,7 +218,8 @@ class FileTailer(threading.Thread):
                         continue
                     if finishing:  # read after the flag was seen: nothing more can come
                         pending = self._split.pending
-                        self._deliver(self._split.flush(), consumed=pending)
+                        rest = self._split.flush()
+                        self._deliver([(t, pending) for t in rest])
                         break
                     self._save_offset(force=False)
                     self._finishing.wait(sleep)
@@ -224,14 +230,18 @@ class FileTailer(threading.Thread):
             self._save_offset(force=True)
 
     def _take(self, data: bytes) -> None:
-        before = self._split.pending
-        lines = self._split.feed(data)
-        self._deliver(lines, consumed=before + len(data) - self._split.pending)
+        self._deliver(self._split.feed_sized(data))
 
-    def _deliver(self, lines: list[str], consumed: int) -> None:
+    def _deliver(self, sized: list[tuple[str, int]]) -> None:
+        # Each line carries the file offset just past it, so a restarted worker resumes exactly
+        # after the last line its log holds (OutputLine.pos).
+        lines, positions = [], []
+        for text, used in sized:
+            self._offset += used
+            lines.append(text)
+            positions.append(self._offset)
         self.last_lines.extend(lines)
-        emit(self._sink, self._stream, lines, self._clock, self._log)
-        self._offset += consumed
+        emit(self._sink, self._stream, lines, self._clock, self._log, positions)
 
     def _save_offset(self, *, force: bool) -> None:
         if self._offset_file is None or self._offset == self._saved_offset:

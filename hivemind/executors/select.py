@@ -26,7 +26,8 @@ def _podman_in(cfg: Config, logger: logging.Logger, mode: str) -> PodmanExecutor
     pc = dataclasses.replace(cfg.executor.podman, mode=mode)
     metrics = open_metrics(cfg.metrics.backend, cfg.metrics.native_library, logger)
     return PodmanExecutor(pc, cfg.node_id, cfg.state_dir, logger,
-                          prepare_timeout_s=cfg.executor.prepare_timeout_s, metrics=metrics)
+                          prepare_timeout_s=cfg.executor.prepare_timeout_s,
+                          requirements=cfg.executor.requirements, metrics=metrics)
 
 
 def _podman(cfg: Config, logger: logging.Logger) -> tuple[Executor, ExecutorStatus]:
@@ -86,7 +87,8 @@ def _venv(cfg: Config, logger: logging.Logger) -> Executor:
     from hivemind.executors.venv import VenvExecutor
 
     return VenvExecutor(cfg.executor.venv, cfg.state_dir, logger, cfg.node_id,
-                        prepare_timeout_s=cfg.executor.prepare_timeout_s)
+                        prepare_timeout_s=cfg.executor.prepare_timeout_s,
+                        requirements=cfg.executor.requirements)
 
 
 def wait_for_socket(uri: str, timeout_s: float, logger: logging.Logger, *,

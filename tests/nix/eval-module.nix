@@ -1,7 +1,7 @@
 # Evaluates nix/module.nix for real with nixpkgs' lib (lib.evalModules) and stub declarations of
 # the NixOS options it sets, merged the way NixOS merges them (systemd directives: lists
 # concatenate, anything else must agree, as nixos/lib/systemd-lib.nix's unitOption). pkgs is a
-# stub too: packages are store-path-shaped attribute sets, formats.yaml renders JSON (a YAML
+# stub too (stub-pkgs.nix): packages are store-path-shaped attribute sets, formats.yaml renders JSON (a YAML
 # subset the daemon's loader reads), runCommand returns its script for tests/test_nix.py to run.
 #
 #   nix-instantiate --eval --strict --json tests/nix/eval-module.nix \
@@ -11,39 +11,7 @@
 let
   inherit (lib) mkOption types;
 
-  pkg = name: extra: {
-    type = "derivation";
-    inherit name;
-    outPath = "/nix/store/00000000000000000000000000000000-${name}";
-    meta = { mainProgram = name; } // (extra.meta or { });
-  } // builtins.removeAttrs extra [ "meta" ];
-
-  file = name: attrs: attrs // { inherit name; outPath = "/nix/store/11111111111111111111111111111111-${name}"; };
-
-  valueType = types.nullOr (types.oneOf [ types.bool types.int types.float types.str
-    (types.attrsOf valueType) (types.listOf valueType) ]) // { description = "YAML value"; };
-
-  pkgs = {
-    formats.yaml = _: { type = valueType; generate = name: value: file name { format = "yaml"; inherit value; }; };
-    formats.toml = _: { type = valueType; generate = name: value: file name { format = "toml"; inherit value; }; };
-    runCommand = name: env: script: file name { builder = "runCommand"; inherit env script; };
-    writeShellScript = name: text: file name { inherit text; };
-    runtimeShell = "/nix/store/22222222222222222222222222222222-bash/bin/sh";
-    hivemind-worker = pkg "hivemind-worker" { };
-    coreutils = pkg "coreutils" { };
-    util-linux = pkg "util-linux" { };
-    fuse-overlayfs = pkg "fuse-overlayfs" { };
-    slirp4netns = pkg "slirp4netns" { };
-    shadow = pkg "shadow" { };
-    podman = pkg "podman" { };
-    stdenv.hostPlatform.system = "x86_64-linux";
-    # For the flake's outputs: every package is a store-path-shaped stand-in named after its file.
-    callPackage = path: _args: pkg ({ "package.nix" = "hivemind-worker"; images = "hivemind-task-image";
-      native = "hivemind-metrics"; }.${baseNameOf (toString path)} or (baseNameOf (toString path))) {
-      imageName = "localhost/hivemind-task";
-      imageTag = "stub";
-    };
-  };
+  pkgs = import ./stub-pkgs.nix { inherit lib; };
 
   unitOption = lib.mkOptionType {
     name = "systemd option";
@@ -129,7 +97,6 @@ let
   worker = config.systemd.services.hivemind-worker or null;
 in
 {
-  inherit pkgs;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
   services = lib.mapAttrs (_: plainUnit) config.systemd.services;
   sockets = lib.mapAttrs (_: plainUnit) config.systemd.sockets;
