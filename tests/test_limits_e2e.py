@@ -28,6 +28,7 @@ from e2e import make_pool, result_of, running_worker, upload, wait_for, write_wo
 pytestmark = pytest.mark.podman
 GIB = 1 << 30
 IMAGE = "localhost/hivemind-task:latest"
+STATUS_TOKEN = "status-token-limits-4b1e9a"
 
 
 @pytest.fixture()
@@ -161,7 +162,11 @@ print('done', n > 0, flush=True)
                                       {"kind": "podman", "podman": {"mode": "rootful"}}],
                          ids=["venv", "rootless", "rootful"])
 def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[str, Any]) -> None:
-    w = write_worker_config(tmp_path, pool.address, executor, **_unique())
+    tok = tmp_path / "status-token"
+    tok.write_text(STATUS_TOKEN)
+    tok.chmod(0o600)
+    w = write_worker_config(tmp_path, pool.address, executor, **_unique(),
+                            extra={"status": {"token_file": str(tok)}})
     tid = f"busy-{uuid.uuid4().hex[:8]}"
     seen: list[tuple[float, float]] = []
     views: list[dict[str, Any]] = []
@@ -171,8 +176,9 @@ def test_pool_receives_usage_percentages(tmp_path: Path, pool, executor: dict[st
         if t is not None and (t.cpu_usage or t.memory_usage):
             seen.append((t.cpu_usage, t.memory_usage))
             if not views:     # the status API's live view of the same task, once
-                with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/tasks/{tid}",
-                                            timeout=10) as r:
+                req = urllib.request.Request(f"http://127.0.0.1:{w.status_port}/api/v1/tasks/{tid}",
+                                             headers={"Authorization": f"Bearer {STATUS_TOKEN}"})
+                with urllib.request.urlopen(req, timeout=10) as r:
                     views.append(json.loads(r.read()))
         return t is not None and t.status == "COMPLETED"
 
