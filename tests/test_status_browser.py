@@ -117,7 +117,7 @@ class UsageView(FakeView):
 def test_monitor_shows_live_usage_against_the_grant_and_applied_limits(tmp_path: Path) -> None:
     srv = start_status_server(UsageView())
     try:
-        dom = dump_dom(srv.url + "/", tmp_path)
+        dom = dump_dom(with_token(srv.url + "/", TOKEN), tmp_path)
     finally:
         srv.stop()
     row = re.search(r'<tr[^>]*data-task-id="task-run-1".*?</tr>', dom, re.S)
