@@ -89,7 +89,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class PodmanConfig:
-    mode: str = opt("rootless", "rootless (default) or rootful Podman.", choices=("rootless", "rootful"))
+    mode: str = opt("auto", "auto: rootless where it enforces memory, CPU and pids limits (cgroup v2 with delegation), else rootful when the worker is root; or force rootless / rootful.",
+                    choices=("auto", "rootless", "rootful"))
     socket: str = opt("", "Podman API URI (unix:///...); empty finds or starts the service for the mode.")
     socket_wait_s: float = opt(60.0, "With socket set: how long a socket that refuses connections (Podman still starting) is waited for before falling back.", min=0, max=3600)
     image: str = opt("localhost/hivemind-task:latest", "Image tasks run in (built by images/build).")

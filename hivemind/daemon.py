@@ -35,6 +35,7 @@ from hivemind.server.grpc_server import RunningServer, start_worker_server
 from hivemind.status.prom import WorkerMetrics
 from hivemind.tasks.state import Lifecycle
 from hivemind.tasks.store import TaskStore
+from hivemind.tasks.usage import node_percentages, task_percentages
 from hivemind.worker import GIB, Capacity, Worker
 from hivemind.worker_view import ViewState, WarningLog, WorkerView
 
@@ -190,7 +191,8 @@ class Daemon:
         if es is None or not es.usable:
             return "unavailable"
         if es.name == "podman":
-            return f"podman {self.cfg.executor.podman.mode}"
+            rootless = getattr(self.executor, "rootless", self.cfg.executor.podman.mode == "rootless")
+            return f"podman {'rootless' if rootless else 'rootful'}"
         return "venv (no container isolation)"
 
     def node_status(self) -> NodeStatus:
@@ -199,9 +201,8 @@ class Daemon:
         status = "Idle" if idle else ("Draining" if self.worker.draining else "Busy")
         self.view_state.reported_status = status
         m = self.view_state.machine
-        return NodeStatus(status=status, cpu_usage=m.cpu_percent,
-                          memory_usage=(100.0 * m.memory_used / self.worker.capacity.total_memory_bytes)
-                          if self.worker.capacity.total_memory_bytes else 0.0,
+        cpu, mem = node_percentages(m.cpu_percent / 100.0, m.memory_used, self.worker.capacity.total_memory_bytes)
+        return NodeStatus(status=status, cpu_usage=cpu, memory_usage=mem,
                           gpu_usage=0.0, gpu_memory_usage=0.0, docker_status=self.docker_status(),
                           running_tasks=running)
 
@@ -210,7 +211,8 @@ class Daemon:
         for r in self.worker.runners():
             u = r.usage.last
             if u is not None:
-                out.append(TaskUsageReport(r.task_id, cpu=100.0 * u.cpu_cores, memory=u.memory_bytes / (1024 * 1024)))
+                cpu, mem = task_percentages(u, r.limits)
+                out.append(TaskUsageReport(r.task_id, cpu=cpu, memory=mem))
         return out
 
     # -- running --------------------------------------------------------------------------------
@@ -222,6 +224,7 @@ class Daemon:
         self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ,
                                           max_archive_mb=self.cfg.archive.max_archive_mb)
         self.view_state.grpc_auth_mode = self.server.mode.value
+        self.worker.context["auth_mode"] = self.server.mode.value
         self.view_state.pool_tls = self.cfg.pool.tls.enabled
         self.session = PoolSession(self.client, self.node_info, self.node_status, self.task_usage,
                                    heartbeat_interval_s=self.cfg.pool.heartbeat_interval_s,

@@ -19,19 +19,19 @@ into `executor.stop(grace)` at whatever phase the task is in (a stop during pip 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hivemind import __version__, faults
+from hivemind import faults
 from hivemind.archive import ArchiveRules, extract_task_archive, pack_result
 from hivemind.errors import HivemindError, TaskNotFound
 from hivemind.executors.base import (
@@ -40,14 +40,16 @@ from hivemind.executors.base import (
     ExitResult,
     Limits,
     PrepareCancelled,
+    TaskFacts,
     TaskHandle,
     TaskSpec,
-    Usage,
 )
 from hivemind.executors.disk_quota import NO_QUOTA, POLL_INTERVAL_S, DiskQuota, QuotaInfo
 from hivemind.output import TaskOutput
 from hivemind.tasks.entry import discover_entry, find_requirements
+from hivemind.tasks.record import build_record
 from hivemind.tasks.store import fsync_file
+from hivemind.tasks.usage import UsageTracker
 
 STATS_INTERVAL_S = 2.0
 
@@ -70,17 +72,6 @@ class RunnerResult:
     output_tail: list[str] = field(default_factory=list)   # for the status API after the run
 
 
-@dataclass
-class UsageTracker:
-    last: Usage | None = None
-    peak_memory: int = 0
-    samples: list[tuple[float, float, int]] = field(default_factory=list)
-
-    def add(self, u: Usage) -> None:
-        self.last = u
-        self.peak_memory = max(self.peak_memory, u.memory_bytes)
-
-
 class TaskRunner:
     def __init__(self, task_id: str, *, executor: Executor, paths: RunnerPaths,
                  archive: bytes | Path | None, limits: Limits,
@@ -90,7 +81,8 @@ class TaskRunner:
                  finished: Callable[[RunnerResult], None], logger: logging.Logger,
                  accepted_at: float, handle: TaskHandle | None = None,
                  clock: Callable[[], float] = time.time, quota: DiskQuota | None = None,
-                 result_ready: Callable[[RunnerResult], None] = lambda res: None) -> None:
+                 result_ready: Callable[[RunnerResult], None] = lambda res: None,
+                 context: Mapping[str, str] | None = None) -> None:
         self.task_id = task_id
         self._executor = executor
         self._paths = paths
@@ -118,6 +110,11 @@ class TaskRunner:
         self.stop_requested = threading.Event()
         self.stop_reason = ""
         self.usage = UsageTracker()
+        self._context = context if context is not None else {}
+        # Kept in the handle too, so a restarted worker's record still names the archive.
+        self.archive_sha256: str | None = (hashlib.sha256(archive).hexdigest() if isinstance(archive, bytes)
+                                           else (handle.state.get("archive_sha256") if handle else None))
+        self._facts: TaskFacts | None = None
         self._thread = threading.Thread(target=self._run, name=f"task-{task_id}", daemon=True)
         self._extra = {"task_id": task_id}
 
@@ -174,6 +171,7 @@ class TaskRunner:
         if isinstance(archive, Path):
             archive = archive.read_bytes()
         assert archive is not None
+        self.archive_sha256 = self.archive_sha256 or hashlib.sha256(archive).hexdigest()
         extract_task_archive(archive, ws, self._rules)
         # The archive may be hundreds of MB: don't keep it for the whole run.
         self._archive = archive = None
@@ -181,6 +179,7 @@ class TaskRunner:
         entry = discover_entry(ws)
         timeout = min(self._timeout, entry.timeout_s) if entry.timeout_s else self._timeout
         limits = dataclasses.replace(self._limits, timeout_s=timeout)
+        self._limits = limits           # the record names the timeout that really applied
         spec = TaskSpec(task_id=self.task_id, workspace=ws, entry=entry, limits=limits,
                         requirements=find_requirements(ws), labels=self._labels)
         if self.stop_requested.is_set():
@@ -201,6 +200,7 @@ class TaskRunner:
             # it reports it lost rather than starting it a second time.
             self._paths.starting.touch()
         handle = self._executor.start(spec, self.output)
+        handle = dataclasses.replace(handle, state={**handle.state, "archive_sha256": self.archive_sha256})
         self._handle = handle
         self._started_cb(handle)
         self._advance(self.task_id, "running")
@@ -252,6 +252,19 @@ class TaskRunner:
                 if u is not None:
                     self.usage.add(u)
 
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    def facts(self) -> TaskFacts:
+        """What the task really got (applied limits, provenance); the last known after the run."""
+        if self._facts is not None:
+            return self._facts
+        try:
+            return self._executor.facts(self.task_id)
+        except Exception:
+            return TaskFacts()
+
     def _mount_namespaces(self) -> list[int]:
         # Rootless Podman's namespace may not see host mounts made after it started.
         pids = getattr(self._executor, "mount_namespace_pids", None)
@@ -262,6 +275,7 @@ class TaskRunner:
         self._finish(result)
 
     def _finish(self, result: ExitResult) -> None:
+        self._facts = self.facts()      # kept: cleanup below makes the executor forget the task
         self.output.close()
         record = self.execution_record(result)
         self._paths.result_zip.parent.mkdir(parents=True, exist_ok=True)
@@ -305,31 +319,19 @@ class TaskRunner:
         self._finished_cb(res)
 
     def execution_record(self, result: ExitResult) -> dict[str, Any]:
-        ok = result.reason == ExitReason.EXITED and result.exit_code == 0
-        return {
-            "task_id": self.task_id,
-            "status": "succeeded" if ok else "failed" if result.reason != ExitReason.STOPPED else "stopped",
-            "exit_code": result.exit_code,
-            "reason": result.reason.value,
-            "message": result.message,
-            "accepted_at": self.accepted_at,
-            "started_at": result.started_at or self.started_at,
-            "finished_at": result.finished_at,
-            "node_id": self._node_id,
-            "node_hostname": socket.gethostname(),
-            "worker_version": __version__,
-            "executor": self._executor.name,
-            "limits": {"cpus": self._limits.cpus, "memory_bytes": self._limits.memory_bytes,
-                       "pids": self._limits.pids},
-            # What the executor could really give this task (venv: uid, namespaces), as it said.
-            "isolation": dict(self._handle.state.get("isolation") or {}) if self._handle else None,
-            "peak_memory_bytes": result.peak_memory_bytes or (self.usage.peak_memory or None),
-            "cpu_seconds": result.cpu_seconds,
-            "output": self.output.summary(),
-            "disk_quota": self.quota_info.record(
-                self._quota.used(self.task_id) if self._quota is not None else None,
-                self.quota_hit),
-        }
+        return build_record(task_id=self.task_id, result=result, accepted_at=self.accepted_at,
+                            started_at=self.started_at, node_id=self._node_id,
+                            executor=self._executor.name, limits=self._limits, facts=self.facts(),
+                            tracker=self.usage, archive_sha256=self.archive_sha256,
+                            context=self._context, extra={
+                                "output": self.output.summary(),
+                                # What the executor could really give this task (venv: uid,
+                                # namespaces), as it said.
+                                "isolation": dict(self._handle.state.get("isolation") or {})
+                                if self._handle else None,
+                                "disk_quota": self.quota_info.record(
+                                    self._quota.used(self.task_id) if self._quota is not None else None,
+                                    self.quota_hit)})
 
 
 def _write_minimal_result(path: Path, record: dict[str, Any], output_log: Path) -> None:

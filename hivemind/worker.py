@@ -92,6 +92,8 @@ class Worker:
         self._answered: dict[str, float] = {}   # last "already running" answer per task
         self._finished: collections.OrderedDict[str, RunnerResult] = collections.OrderedDict()
         self._lock = threading.Lock()
+        # Worker facts every task record names (the daemon sets auth_mode once the server runs).
+        self.context: dict[str, str] = {}
         self.draining = False
         self._dirs = _Dirs(cfg.state_dir)
         ex = cfg.executor
@@ -113,6 +115,7 @@ class Worker:
         self.uploader.start()
 
     def close(self) -> None:
+        self.quota.close()
         self.streamer.flush_all()
         self.streamer.stop()
         self.uploader.stop()
@@ -262,7 +265,8 @@ class Worker:
             task_timeout_s=self.cfg.executor.task_timeout_s, output=output,
             advance=self._advance, started=lambda h: self._started(task_id, h),
             finished=self._finished_run, logger=self._log, accepted_at=accepted_at, handle=handle,
-            clock=self._clock, quota=self.quota, result_ready=self._result_ready)
+            clock=self._clock, quota=self.quota, result_ready=self._result_ready,
+            context=self.context)
         with self._lock:
             self._runners[task_id] = runner
         self.streamer.add(output)
@@ -450,7 +454,8 @@ class Worker:
             max_result_bytes=self._result_cap(), stop_grace_s=0, task_timeout_s=1, output=output,
             advance=self._advance, started=lambda h: None, finished=self._finished_run,
             logger=self._log, accepted_at=rec.accepted_at, clock=self._clock, quota=self.quota,
-            result_ready=self._result_ready)
+            result_ready=self._result_ready,
+            context=self.context)
         with self._lock:
             self._runners[rec.task_id] = runner
         self.streamer.add(output)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from hivemind import __version__
 from hivemind.executors.base import ExecutorStatus
@@ -25,6 +26,7 @@ from hivemind.status.view import (
     security_info,
 )
 from hivemind.tasks.state import TaskRecord
+from hivemind.tasks.usage import task_percentages
 from hivemind.worker import Worker
 
 MAX_WARNINGS = 50
@@ -126,19 +128,33 @@ class WorkerView:
 
     def _task_dict(self, rec: TaskRecord, tail: bool) -> TaskDict:
         runner = self._worker.runner(rec.task_id)
-        usage = None
+        usage: dict[str, Any] | None = None
+        limits: dict[str, Any] | None = None
+        provenance: dict[str, Any] | None = None
         lines: list[str] = []
         if runner is not None:
             last = runner.usage.last
             if last is not None:
+                cpu_pct, mem_pct = task_percentages(last, runner.limits)
                 usage = {"cpu_cores": last.cpu_cores, "memory_bytes": last.memory_bytes,
-                         "peak_memory_bytes": runner.usage.peak_memory or None}
+                         "peak_memory_bytes": runner.usage.peak_memory or None,
+                         "cpu_percent": cpu_pct, "memory_percent": mem_pct,
+                         "cpu_seconds": last.cpu_seconds, "pids": last.pids,
+                         "max_pids": runner.usage.max_pids or None, "source": last.source}
+            facts = runner.facts()
+            limits = dict(facts.applied) or None
+            provenance = {"archive_sha256": runner.archive_sha256, **facts.provenance}
             lines = runner.output.tail(50) if tail else runner.output.tail(3)
         else:
             done = self._worker.finished_result(rec.task_id)
             if done is not None:
-                pk = done.record.get("peak_memory_bytes")
-                usage = {"cpu_cores": 0.0, "memory_bytes": 0, "peak_memory_bytes": pk}
+                rec_usage = done.record.get("usage") or {}
+                usage = {"cpu_cores": 0.0, "memory_bytes": 0,
+                         "peak_memory_bytes": done.record.get("peak_memory_bytes"),
+                         "cpu_seconds": rec_usage.get("cpu_seconds"),
+                         "max_pids": rec_usage.get("max_pids"), "source": rec_usage.get("source", "")}
+                limits = (done.record.get("limits") or {}).get("applied") or None
+                provenance = done.record.get("provenance")
                 if tail:
                     lines = list(done.output_tail)
         return TaskDict(
@@ -151,6 +167,8 @@ class WorkerView:
             exit_reason=rec.reason or None,
             message=rec.message,
             output_tail=lines,
+            limits=limits,  # type: ignore[typeddict-item]
+            provenance=provenance,  # type: ignore[typeddict-item]
         )
 
     def ready(self) -> tuple[bool, str]:

@@ -233,3 +233,74 @@ func TestProcStatThroughKeptDescriptorAdvances(t *testing.T) {
 		t.Errorf("cpu ticks didn't advance through the kept descriptor: %d then %d", t1, t2)
 	}
 }
+
+func TestTreeSumsDescendantsOnly(t *testing.T) {
+	c := fixture(t)
+	root := c.ProcRoot
+	// 10 -> 11 -> 13, 10 -> 12 (zombie), and 20 (unrelated). Field 3 is the state, 4 the ppid,
+	// 14-17 utime/stime/cutime/cstime, 24 rss in pages. 11's comm holds ") (" to trip naive parsers.
+	stat := func(pid, comm, state string, ppid, ticks, rss int) string {
+		return fmt.Sprintf("%s (%s) %s %d 0 0 0 0 0 0 0 0 0 %d 0 0 0 20 0 1 0 100 4096 %d 0 0\n",
+			pid, comm, state, ppid, ticks, rss)
+	}
+	write(t, root, "10/stat", stat("10", "sh", "S", 1, 100, 10))
+	write(t, root, "11/stat", stat("11", "py ) (x", "R", 10, 50, 20))
+	write(t, root, "12/stat", stat("12", "dead", "Z", 10, 999, 999))
+	write(t, root, "13/stat", stat("13", "w", "S", 11, 25, 30))
+	write(t, root, "20/stat", stat("20", "other", "S", 1, 1000, 1000))
+	write(t, root, "self/stat", "not a pid dir")
+	var u TreeUsage
+	if err := c.Tree(10, &u); err != nil {
+		t.Fatal(err)
+	}
+	page := uint64(os.Getpagesize())
+	if !u.Found || u.Procs != 3 {
+		t.Fatalf("found %v procs %d, want 3 live processes (zombie and stranger left out)", u.Found, u.Procs)
+	}
+	if u.CPUNs != 175*10_000_000 {
+		t.Errorf("cpu %d ns, want 1.75 s (175 ticks)", u.CPUNs)
+	}
+	if u.RSSBytes != 60*page {
+		t.Errorf("rss %d, want %d", u.RSSBytes, 60*page)
+	}
+	if err := c.Tree(99, &u); err != nil || u.Found {
+		t.Errorf("missing root: found %v err %v, want not found and no error", u.Found, err)
+	}
+}
+
+func TestTreeByChildrenFiles(t *testing.T) {
+	c := fixture(t)
+	root := c.ProcRoot
+	stat := func(pid, state string, ppid, ticks, rss int) string {
+		return fmt.Sprintf("%s (x) %s %d 0 0 0 0 0 0 0 0 0 %d 0 0 0 20 0 1 0 100 4096 %d 0 0\n",
+			pid, state, ppid, ticks, rss)
+	}
+	// 10 has two threads; the child 13 was forked by thread 15. 12 is a zombie; 20 unrelated.
+	write(t, root, "10/stat", stat("10", "S", 1, 100, 10))
+	write(t, root, "10/task/10/children", "11 12 ")
+	write(t, root, "10/task/15/children", "13")
+	write(t, root, "11/stat", stat("11", "R", 10, 50, 20))
+	write(t, root, "11/task/11/children", "")
+	write(t, root, "12/stat", stat("12", "Z", 10, 999, 999))
+	write(t, root, "13/stat", stat("13", "S", 10, 25, 30))
+	write(t, root, "13/task/13/children", "")
+	write(t, root, "20/stat", stat("20", "S", 1, 1000, 1000))
+	var u TreeUsage
+	if err := c.Tree(10, &u); err != nil {
+		t.Fatal(err)
+	}
+	if !u.Found || u.Procs != 3 || u.CPUNs != 175*10_000_000 || u.RSSBytes != 60*uint64(os.Getpagesize()) {
+		t.Errorf("tree %+v: want 3 procs, 1.75 s, 60 pages (threads' children included, zombie out)", u)
+	}
+}
+
+func TestTreeOfThisProcess(t *testing.T) {
+	c := NewCollector()
+	var u TreeUsage
+	if err := c.Tree(os.Getpid(), &u); err != nil {
+		t.Fatal(err)
+	}
+	if !u.Found || u.Procs < 1 || u.RSSBytes == 0 {
+		t.Errorf("own tree %+v: want found, at least 1 process, some memory", u)
+	}
+}

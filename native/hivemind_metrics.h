@@ -18,7 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define HM_ABI_VERSION 1
+#define HM_ABI_VERSION 2
 
 /* One reading of the machine and, optionally, of one cgroup. Filled by hm_snapshot(). */
 typedef struct hm_snapshot {
@@ -45,6 +45,15 @@ typedef struct hm_snapshot {
     uint64_t cg_pids_limit;   /* 0 when unlimited */
 } hm_snapshot_t;
 
+/* A process tree's usage from /proc, for tasks the kernel keeps no cgroup for. Filled by hm_tree(). */
+typedef struct hm_tree {
+    uint32_t size;            /* set by the caller to sizeof(hm_tree_t); checked */
+    int32_t  found;           /* 1: the root process exists; 0: the other fields are 0 */
+    uint64_t procs;           /* live processes in the tree, the root included (no zombies) */
+    uint64_t cpu_ns;          /* user+system time of live members and of children they reaped */
+    uint64_t rss_bytes;       /* summed resident set sizes */
+} hm_tree_t;
+
 #ifndef HM_NO_PROTOTYPES
 #ifdef __cplusplus
 extern "C" {
@@ -69,6 +78,13 @@ int hm_set_cgroup_root(int handle, const char* root);
  * cgroup_found is 0. Returns 0, or -1 (see hm_last_error).
  */
 int hm_snapshot(int handle, const char* disk_path, const char* cgroup_path, hm_snapshot_t* out);
+
+/*
+ * Sums the process tree rooted at pid (pid and every descendant, by parent links in
+ * /proc/PID/stat) into *out, listing /proc once. A pid that doesn't exist is not an error:
+ * found is 0. Returns 0, or -1 (see hm_last_error).
+ */
+int hm_tree(int handle, int pid, hm_tree_t* out);
 
 /*
  * Copies the handle's last error message into buf (NUL-terminated, truncated to buflen-1 bytes)

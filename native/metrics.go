@@ -14,7 +14,7 @@ import (
 	"unsafe"
 )
 
-const abiVersion = 1
+const abiVersion = 2
 
 // handle is one caller's state. Its mutex makes a handle safe to share between threads;
 // separate handles never contend.
@@ -135,6 +135,43 @@ func hm_snapshot(handle C.int, disk_path *C.char, cgroup_path *C.char, out *C.hm
 	out.cg_mem_current, out.cg_mem_peak = C.uint64_t(s.CgMemCurrent), C.uint64_t(s.CgMemPeak)
 	out.cg_mem_limit = C.uint64_t(s.CgMemLimit)
 	out.cg_pids_current, out.cg_pids_limit = C.uint64_t(s.CgPidsCurrent), C.uint64_t(s.CgPidsLimit)
+	h.lastErr = ""
+	return 0
+}
+
+//export hm_tree
+func hm_tree(handle C.int, pid C.int, out *C.hm_tree_t) C.int {
+	h := lookup(handle)
+	if h == nil {
+		return -1
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return -1
+	}
+	if out == nil {
+		h.lastErr = "out must not be NULL"
+		return -1
+	}
+	if out.size != C.uint32_t(unsafe.Sizeof(*out)) {
+		h.lastErr = "hm_tree_t size mismatch: caller and library disagree on the ABI"
+		return -1
+	}
+	if pid <= 0 {
+		h.lastErr = "pid must be positive"
+		return -1
+	}
+	var u TreeUsage
+	if err := h.col.Tree(int(pid), &u); err != nil {
+		h.lastErr = err.Error()
+		return -1
+	}
+	out.found = 0
+	if u.Found {
+		out.found = 1
+	}
+	out.procs, out.cpu_ns, out.rss_bytes = C.uint64_t(u.Procs), C.uint64_t(u.CPUNs), C.uint64_t(u.RSSBytes)
 	h.lastErr = ""
 	return 0
 }

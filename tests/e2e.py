@@ -49,6 +49,7 @@ class WorkerProc:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    node_id: str = "e2e-node"
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -80,8 +81,10 @@ class WorkerProc:
 
 
 def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], *,
-                        extra: dict[str, Any] | None = None,
+                        extra: dict[str, Any] | None = None, node_id: str = "e2e-node",
                         state_prefix: str = "hivemind-e2e-") -> WorkerProc:
+    """`node_id`: a unique one keeps other test runs on this machine (which clean up the
+    containers labelled with their node) away from this worker's containers."""
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
     # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
     state = Path(tempfile.mkdtemp(prefix=state_prefix, dir=state_root()))
@@ -94,7 +97,7 @@ def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], 
     grpc_port = free_port(WORKER_HOST)
     status_port = free_port()
     cfg: dict[str, Any] = {
-        "node": {"id": "e2e-node", "state_dir": str(state)},
+        "node": {"id": node_id, "state_dir": str(state)},
         "pool": {"address": pool_address, "username": "worker", "password_file": str(pw),
                  "heartbeat_interval_s": 0.5, "call_timeout_s": 5},
         "server": {"listen_host": WORKER_HOST, "port": grpc_port, "advertise_host": WORKER_HOST,
@@ -109,14 +112,14 @@ def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], 
         cfg.setdefault(key, {}).update(value)
     path = tmp / "worker.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return WorkerProc(state, path, grpc_port, status_port, tmp / "worker.log")
+    return WorkerProc(state, path, grpc_port, status_port, tmp / "worker.log", node_id=node_id)
 
 
 @contextlib.contextmanager
 def running_worker(w: WorkerProc, pool: DevPool) -> Iterator[WorkerProc]:
     w.start()
     try:
-        wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()) or
+        wait_for(lambda: any(n.node_id == w.node_id and n.status == "Idle" for n in pool.nodes()) or
                  (not w.alive() and _raise(w)), 60, "the worker to register as Idle")
         yield w
     finally:

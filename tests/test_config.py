@@ -28,7 +28,7 @@ def problems_of(data: object, environ: dict[str, str] | None = None) -> list[str
 def test_empty_file_gives_documented_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""), {})
     assert cfg.pool.heartbeat_interval_s <= 10
-    assert cfg.executor.podman.mode == "rootless"
+    assert cfg.executor.podman.mode == "auto"
     assert cfg.status.listen_host == "127.0.0.1"
     assert cfg.node_id == cfg.pool.username
 

@@ -234,8 +234,10 @@ def _quota_run(executor: Executor, base: Path) -> None:
         names = zf.namelist()
         assert "input.txt" in names and "_hivemind/execution.json" in names
         assert "wrote-everything" not in zf.read("_hivemind/output.log").decode()
-    # Nothing left: no mount, no image, no workspace.
+    # Nothing left: no mount, no image of the task (a formatted spare waits for the next).
     assert _mounts_under(base) == []
+    assert [p.name for p in (base / "images").glob("*.img")] in ([], ["_spare.img"])
+    quota.close()
     assert list((base / "images").glob("*.img")) == []
 
 

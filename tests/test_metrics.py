@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from hivemind.metrics import MetricsError, MetricsUnavailable, open_metrics
-from hivemind.metrics.native import _CSnapshot, library_candidates, load_library
+from hivemind.metrics.native import _CSnapshot, _CTree, library_candidates, load_library
 from hivemind.metrics.psutil_backend import PsutilSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,21 +304,23 @@ def test_unknown_backend_is_rejected() -> None:
         open_metrics("gpu")
 
 
-def test_ctypes_struct_matches_the_c_header(tmp_path: Path) -> None:
-    """Offsets of every field as the C compiler lays out hm_snapshot_t, against ctypes."""
+@pytest.mark.parametrize(("struct", "ctype"), [(_CSnapshot, "hm_snapshot_t"), (_CTree, "hm_tree_t")])
+def test_ctypes_struct_matches_the_c_header(tmp_path: Path, struct: type[ctypes.Structure],
+                                            ctype: str) -> None:
+    """Offsets of every field as the C compiler lays out the struct, against ctypes."""
     if shutil.which("cc") is None:
         pytest.skip("needs a C compiler")
-    names = [f[0] for f in _CSnapshot._fields_]
-    body = "".join(f'printf("{n} %zu\\n", offsetof(hm_snapshot_t, {n}));' for n in names)
+    names = [f[0] for f in struct._fields_]
+    body = "".join(f'printf("{n} %zu\\n", offsetof({ctype}, {n}));' for n in names)
     prog = tmp_path / "layout.c"
     prog.write_text('#include <stdio.h>\n#include <stddef.h>\n#include "hivemind_metrics.h"\n'
-                    f'int main(void) {{ {body} printf("sizeof %zu\\n", sizeof(hm_snapshot_t)); return 0; }}\n')
+                    f'int main(void) {{ {body} printf("sizeof %zu\\n", sizeof({ctype})); return 0; }}\n')
     exe = tmp_path / "layout"
     subprocess.run(["cc", "-I", str(NATIVE), "-o", str(exe), str(prog)], check=True, timeout=60)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=30).stdout
     c_layout = dict(line.split() for line in out.splitlines())
-    py_layout = {n: str(getattr(_CSnapshot, n).offset) for n in names}
-    py_layout["sizeof"] = str(ctypes.sizeof(_CSnapshot))
+    py_layout = {n: str(getattr(struct, n).offset) for n in names}
+    py_layout["sizeof"] = str(ctypes.sizeof(struct))
     assert py_layout == c_layout
 
 
@@ -450,3 +452,55 @@ def test_one_native_source_shared_by_threads(library: Path) -> None:
         t.join(timeout=60)
     src.close()
     assert not errors and len(results) == 1200 and len(set(results)) == 1
+
+
+TREE = textwrap.dedent("""
+    import subprocess, sys, time
+    kids = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    buf = bytearray(64 * 1024 * 1024)
+    for i in range(0, len(buf), 4096):
+        buf[i] = 1
+    end = time.process_time() + 0.5
+    while time.process_time() < end:
+        pass
+    print("ready", flush=True)
+    sys.stdin.read()
+    for k in kids:
+        k.kill()
+""")
+
+
+@pytest.mark.parametrize("backend", ["native", "psutil"])
+def test_tree_usage_of_a_real_process_tree(library: Path, backend: str) -> None:
+    """A parent with two children: both backends count three processes, its CPU and memory."""
+    src = open_metrics(backend, library_path=str(library))
+    proc = subprocess.Popen([sys.executable, "-c", TREE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        tree = src.tree(proc.pid)
+        assert tree is not None
+        assert tree.procs == 3
+        assert tree.cpu_seconds >= 0.5
+        assert tree.rss_bytes >= 64 * 1024 * 1024
+        # The caller's own tree holds the child's: a tree is every descendant, not one level.
+        mine = src.tree(os.getpid())
+        assert mine is not None and mine.procs >= 4
+    finally:
+        proc.communicate(b"", timeout=30)
+        src.close()
+    other = open_metrics(backend, library_path=str(library))
+    try:
+        assert other.tree(proc.pid) is None          # reaped: gone, not an error
+        with pytest.raises(MetricsError):
+            other.tree(0)
+    finally:
+        other.close()
+
+
+def test_tree_of_a_pid_that_never_existed_is_none(library: Path) -> None:
+    for backend in ("native", "psutil"):
+        src = open_metrics(backend, library_path=str(library))
+        try:
+            assert src.tree(2**22 + 7) is None     # above pid_max's default: never a process
+        finally:
+            src.close()

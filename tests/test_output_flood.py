@@ -37,11 +37,14 @@ from statedir import state_root
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 CAP = 8 * MiB
-# What the writer gets ahead of its reader: the venv executor's reader punches out what it read
-# and everything past the cap as soon as it sees it, so this is write speed x scheduling delay
-# (not a hard bound; measured 25 MiB on a loaded 2-core VM); Podman's conmon log is truncated at
-# the cap. Either way far below the 2 GiB the task writes (before: 2 GiB log + 2 GiB files).
-SLACK = 64 * MiB
+# Output on disk: output.log (capped) plus the executor's own file of the stream, capped too.
+# Podman's conmon truncates its log at the cap (a hard bound). The venv executor's reader keeps
+# the first cap's worth of its stdout file (a restarted worker may resume anywhere below it) and
+# punches out everything past the cap as soon as it sees it, so what the writer gets ahead of
+# it (write speed x scheduling delay) comes on top: not a hard bound, peaks of 30-46 MiB in all
+# were measured on a loaded 2-core VM. Either way far below the 2 GiB the task writes (before: 2 GiB in the log
+# plus 2 GiB in files).
+SLACK = {"venv": 64 * MiB, "podman": 1 * MiB}
 IMAGE = "localhost/hivemind-task:latest"
 LOG = logging.getLogger("test.output_flood")
 
@@ -222,7 +225,7 @@ def test_a_2_gib_flood_keeps_one_capped_copy(executor: Executor, state: Path,
     print(f"{executor.name}: 2 GiB flood, peak output disk use {peak / MiB:.1f} MiB "
           f"(cap {CAP // MiB} MiB)")
     assert result.exit.reason is ExitReason.EXITED and result.exit.exit_code == 0, result.record
-    assert peak <= CAP + SLACK
+    assert peak <= 2 * CAP + SLACK[executor.name]
     summary = result.record["output"]
     assert summary["truncated"] is True and summary["bytes"] <= CAP
     # `head -c 2G` exited 0 and the task's last line came after it: the flood was written.
@@ -242,7 +245,7 @@ def test_a_256_mib_line_streams_in_pieces(executor: Executor, state: Path,
                                           worker_log: io.StringIO) -> None:
     result, peak, output = run_task(executor, state / "tasks", LONG_LINE)
     assert result.exit.reason is ExitReason.EXITED and result.exit.exit_code == 0, result.record
-    assert peak <= CAP + SLACK
+    assert peak <= 2 * CAP + SLACK[executor.name]
     assert result.record["output"]["truncated"] is True
     # The line came through, cut, and the task's line after it arrived too.
     assert any(line.endswith("after-the-line") for line in output.tail(50))

@@ -30,7 +30,7 @@ def make_task(task_id: str, state: str = "running", now: float = 1_700_000_000.0
         usage={"cpu_cores": 0.8, "memory_bytes": 300 << 20, "peak_memory_bytes": 400 << 20},
         exit_code=None if state == "running" else 0,
         exit_reason=None if state == "running" else "exited",
-        message="", output_tail=["step 1", "step 2"])
+        message="", output_tail=["step 1", "step 2"], limits=None, provenance=None)
 
 
 class FakeView:

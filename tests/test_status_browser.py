@@ -96,3 +96,34 @@ def test_monitor_asks_for_token_on_remote_bind(tmp_path: Path) -> None:
         assert TOKEN not in dom  # the fragment is dropped from the address once read
     finally:
         srv.stop()
+
+
+class UsageView(FakeView):
+    """A running task with live usage against its grant, and limits of which one isn't applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        run = self.task_list[0]
+        run["usage"] = {"cpu_cores": 0.75, "memory_bytes": 512 << 20, "peak_memory_bytes": 600 << 20,
+                        "cpu_percent": 50.0, "memory_percent": 25.0, "cpu_seconds": 12.5,
+                        "pids": 7, "max_pids": 9, "source": "proc tree"}
+        run["limits"] = {
+            "memory_bytes": {"requested": 2 << 30, "applied": 2 << 30,
+                             "how": "cgroup v1 /sys/fs/cgroup/memory/x/memory.limit_in_bytes = 2147483648"},
+            "cpus": {"requested": 1.5, "applied": None, "how": "not applied: the task shares cgroup /"},
+            "pids": {"requested": 256, "applied": 256, "how": "cgroup v1 pids.max = 256"}}
+
+
+def test_monitor_shows_live_usage_against_the_grant_and_applied_limits(tmp_path: Path) -> None:
+    srv = start_status_server(UsageView())
+    try:
+        dom = dump_dom(with_token(srv.url + "/", TOKEN), tmp_path)
+    finally:
+        srv.stop()
+    row = re.search(r'<tr[^>]*data-task-id="task-run-1".*?</tr>', dom, re.S)
+    assert row, dom[:3000]
+    text = re.sub(r"<[^>]+>", "|", row.group(0))
+    assert "0.75 cores of 1.5 cores (50 %)" in text, text
+    assert "0.5 GiB of 2.0 GiB (25 %)" in text or "of 2 GiB (25 %)" in text, text
+    assert "memory, pids · not: cpu" in text, text
+    assert "not applied: the task shares cgroup /" in row.group(0)      # the how, as the cell's title

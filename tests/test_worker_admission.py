@@ -21,6 +21,7 @@ from hivemind.executors.base import (
     ExitResult,
     OutputLine,
     OutputSink,
+    TaskFacts,
     TaskHandle,
     TaskSpec,
     Usage,
@@ -72,6 +73,9 @@ class FakeExecutor:
 
     def stats(self, task_id: str) -> Usage | None:
         return None
+
+    def facts(self, task_id: str) -> TaskFacts:
+        return TaskFacts()
 
     def cleanup(self, task_id: str) -> None:
         self.cleaned.append(task_id)

@@ -15,6 +15,9 @@ Calling rules, for every executor:
   already holds: the executor delivers exactly the lines after it (none twice, none skipped),
   also for a task that exited while no daemon watched. None: from the executor's own record.
 - `orphans` lists task ids of things this executor labelled and that still exist.
+- `stats` and `facts` may be called from any thread while the task is known (after `start` or
+  `recover`, until `cleanup`); `facts` says what the task really got (limits the kernel applied,
+  where it ran) and is read for the task record before `cleanup`.
 """
 
 from __future__ import annotations
@@ -109,6 +112,24 @@ class Usage:
     cpu_cores: float                   # average cores busy since the previous call
     memory_bytes: int
     pids: int | None = None
+    cpu_seconds: float | None = None   # CPU time used since the task started
+    peak_memory_bytes: int | None = None   # the kernel's peak (cgroup) or the highest sample
+    source: str = ""                   # "cgroup v1" | "cgroup v2" | "proc tree" | "process group"
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What a task really got, for its record and the status API.
+
+    `applied`: per limit (memory_bytes, cpus, pids) a dict {requested, applied, how}; `applied`
+    is None where the kernel does not enforce it, and `how` names the cgroup file read or why.
+    `provenance`: what ran the task (image ID and digest, or interpreter and venv hash; mode).
+    `usage`: the executor's own totals from its sampling (source, max_pids).
+    """
+
+    applied: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    usage: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,8 @@ class Executor(Protocol):
     def stop(self, task_id: str, grace: float) -> None: ...
 
     def stats(self, task_id: str) -> Usage | None: ...
+
+    def facts(self, task_id: str) -> TaskFacts: ...
 
     def cleanup(self, task_id: str) -> None: ...
 

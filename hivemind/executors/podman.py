@@ -4,12 +4,17 @@ Task life cycle (one `_Run` per task, all state changes under `_lock`):
 
     prepare (pip container, optional) -> start: create -> inspect (what was applied) -> start
         -> monitor thread: logs --follow -> sink ... container exits -> wait -> inspect -> result
+        -> sampler thread: locate (PID, cgroup, applied limits) -> usage every 0.2 s / 1 s
     stop: podman stop (SIGTERM, grace, SIGKILL)    timeout timer: the same, reason TIMED_OUT
     recover: running -> reattach logs from the handle's start time; exited -> collect state
     cleanup: force-remove task and prepare containers (idempotent)
 
-Limits are checked, never assumed: after create the container is inspected, and a limit Podman
-did not apply (rootless on cgroup v1 applies none) is logged and reported by `probe()`.
+Limits are checked, never assumed: `probe()` starts a container built exactly like a task's and
+reads what the kernel applied from its cgroup files (kernel_limits.py); each task's own cgroup is
+read the same way once it runs, for its record (`facts()`). Rootless Podman on cgroup v1 applies
+none, and says nothing: the probe reports it, `executor.podman.mode: auto` then picks rootful.
+Usage comes from the task's own cgroup when the kernel keeps one, else from the container's
+process tree in /proc (the metrics library), sampled by one thread per task.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from hivemind.executors.base import (
     OutputLine,
     OutputSink,
     PrepareCancelled,
+    TaskFacts,
     TaskHandle,
     TaskSpec,
     Usage,
@@ -56,6 +62,13 @@ from hivemind.executors.container_spec import (
     build_prepare_spec,
     container_name,
     parse_user,
+)
+from hivemind.executors.kernel_limits import (
+    AppliedLimit,
+    compare,
+    own_cgroup,
+    place_of,
+    read_limits,
 )
 from hivemind.executors.podman_adapter import (
     ContainerState,
@@ -75,16 +88,24 @@ from hivemind.executors.wheel_fetch import (
     fetch_env,
     parse_tags,
 )
+from hivemind.metrics import MetricsError, MetricsSource, open_metrics
 
 HANDLE_VERSION = 1
 # What catatonit (the container's PID 1) prints when the entry point cannot be executed.
 EXEC_FAILED = re.compile(r"^ERROR \(catatonit:\d+\): failed to exec pid1: (.*)$")
-CGROUP_V1_ROOTS = ("/sys/fs/cgroup/memory/libpod_parent/libpod-{id}",
-                   "/sys/fs/cgroup/memory/machine.slice/libpod-{id}.scope")
+# A cgroup's counters are cheap to read (descriptors kept open); a /proc tree walk reads every
+# process's stat, so it runs less often.
+CGROUP_SAMPLE_S = 0.2
+TREE_SAMPLE_S = 1.0
+PROBE_MEMORY = 256 * 1024 * 1024
 
 
 # One class for both executors: installing requirements.txt failed (pip's output went to the sink).
 PrepareFailed = _PrepareFailed
+
+
+class ProbeFailed(HivemindError):
+    """The start-up probe container could not run as a task would; the message says why."""
 
 
 @dataclass
@@ -104,6 +125,15 @@ class _Run:
     last_cpu: tuple[float, int] | None = None
     timer: threading.Timer | None = None
     exec_error: str = ""                # catatonit could not exec the entry point
+    spec_limits: tuple[int | None, float | None, int | None] = (None, None, None)
+    pid: int = 0                        # host PID of the container's init (catatonit)
+    cgroup: str | None = None           # the task's own cgroup (relative), when the kernel keeps one
+    source: str = ""
+    applied: dict[str, AppliedLimit] = field(default_factory=dict)
+    memory_now: int = 0
+    pids_now: int | None = None
+    max_pids: int | None = None
+    located: threading.Event = field(default_factory=threading.Event)
 
 
 def _lines(frames: Iterator[LogFrame], now: Callable[[], float]) -> Iterator[OutputLine]:
@@ -131,7 +161,8 @@ class PodmanExecutor:
                  prepare_timeout_s: float, *, service: PodmanService | None = None,
                  clock: Callable[[], float] = time.time, wait_interval: str = "10ms",
                  host_ca_bundle: Path | None = Path("/etc/ssl/certs/ca-certificates.crt"),
-                 kmsg: str = "/dev/kmsg", requirements: RequirementsConfig | None = None) -> None:
+                 kmsg: str = "/dev/kmsg", requirements: RequirementsConfig | None = None,
+                 metrics: MetricsSource | None = None) -> None:
         self._cfg = cfg
         self._node = node_id
         self._state_dir = Path(state_dir)
@@ -149,6 +180,10 @@ class PodmanExecutor:
         self._adapter: PodmanAdapter | None = None
         self._enforcement: Enforcement | None = None
         self._uid, self._gid = parse_user(cfg.user)
+        self._metrics = metrics
+        self._probe_applied: dict[str, AppliedLimit] = {}
+        self._image: tuple[str, str] | None = None
+        self.mode_reason = ""               # why this mode was chosen (set by the selector)
         self._req_cfg = requirements or RequirementsConfig()
         self._tags: dict[str, TargetTags] = {}     # image id -> the tags its python accepts
 
@@ -157,6 +192,11 @@ class PodmanExecutor:
     @property
     def rootless(self) -> bool:
         return self._service.rootless
+
+    def service_uid(self) -> int | None:
+        """uid of the user whose Podman runs tasks (None: rootful)."""
+        user = self._service.service_user()
+        return user.uid if user is not None else None
 
     def mount_namespace_pids(self) -> list[int]:
         """Processes whose mount namespace a workspace mount made on the host must also reach:
@@ -195,6 +235,10 @@ class PodmanExecutor:
                 self._adapter = None
         if self._owns_service:
             self._service.close()
+        with self._lock:
+            metrics, self._metrics = self._metrics, None
+        if metrics is not None:      # the executor's own source (given or opened): closed here
+            metrics.close()
 
     def _workspace_owner(self) -> tuple[int, int] | None:
         """Host uid:gid the workspace must belong to so the container's user can write it.
@@ -234,8 +278,9 @@ class PodmanExecutor:
             enf = self._enforcement or self._measure_enforcement(api)
             self._enforcement = enf
             mode = "rootless" if self.rootless else "rootful"
-            return ExecutorStatus(self.name, True, f"podman {api.version()} {mode}", enf)
-        except ExecutorUnavailable as exc:
+            why = f"; {self.mode_reason}" if self.mode_reason else ""
+            return ExecutorStatus(self.name, True, f"podman {api.version()} {mode}{why}", enf)
+        except (ExecutorUnavailable, ProbeFailed) as exc:
             return ExecutorStatus(self.name, False, str(exc))
         except (PodmanError, OSError) as exc:
             hint = ""
@@ -245,22 +290,37 @@ class PodmanExecutor:
             return ExecutorStatus(self.name, False, f"podman service error: {exc}{hint}")
 
     def _measure_enforcement(self, api: PodmanAdapter) -> Enforcement:
-        """Create (never start) a container with every limit, and read back what was applied."""
+        """Start a container exactly as a task's (the same spec builder, limits and options),
+        read what the kernel applied to the running container from its cgroup files, remove it.
+
+        A container whose limits can't be had fails to start (rootless without cgroup
+        delegation): that is a PodmanError here, so the executor is reported unusable instead
+        of accepting tasks that could never start."""
         name = container_name(self._node, "probe", "probe")
         probe_dir = self._state_dir / "podman-probe"
         probe_dir.mkdir(parents=True, exist_ok=True)
-        spec = TaskSpec("probe", probe_dir, Entry(("true",)),
-                        Limits(cpus=1.0, memory_bytes=256 * 1024 * 1024))
+        self._chown_tree(probe_dir)
+        spec = TaskSpec("probe", probe_dir, Entry(("sleep", "60")),
+                        Limits(cpus=1.0, memory_bytes=PROBE_MEMORY, pids=self._cfg.pids_limit))
         cs = build_container_spec(spec, self._cfg, self._node, rootless=self.rootless)
         labels = {**cs.labels, LABEL_ROLE: "probe", LABEL_TASK: ""}
         cs = _replace(cs, name=name, labels=labels)
         api.remove(name)
         cid = api.create(cs)
         try:
+            try:
+                api.start(cid)
+            except PodmanError as exc:
+                raise ProbeFailed(f"a container with the task limits does not start: {exc}") from None
             st = api.inspect(cid)
+            place = place_of(st.pid) if st.pid else None
+            if place is None:
+                raise ProbeFailed("the probe container exited at once; its cgroup can't be read")
+            applied = compare(*_spec_limits(cs), read_limits(place), cid)
         finally:
             api.remove(cid)
-        return _enforcement_of(st, cs, self.rootless)
+        self._probe_applied = applied
+        return _enforcement_of(st, applied)
 
     # -- prepare --------------------------------------------------------------------------------
 
@@ -433,8 +493,8 @@ class PodmanExecutor:
             api.remove(cs.name)
         cid = api.create(cs)
         st = api.inspect(cid)
-        self._check_applied(spec.task_id, st, cs)
-        run = _Run(spec.task_id, cid, self._clock(), timeout_s, st.memory_limit, sink)
+        run = _Run(spec.task_id, cid, self._clock(), timeout_s, st.memory_limit, sink,
+                   spec_limits=_spec_limits(cs))
         try:
             frames: Iterator[LogFrame] | None = api.attach(cid)
         except (PodmanError, TaskNotFound) as exc:
@@ -447,6 +507,8 @@ class PodmanExecutor:
             now = self._clock()
             run.result = ExitResult(None, ExitReason.FAILED_TO_START, run.started_at, now,
                                     message=str(exc)[:500])
+            run.applied = self._probe_fallback(run)
+            run.located.set()
             run.done.set()
             if frames is not None:
                 frames.close()    # type: ignore[attr-defined]
@@ -459,17 +521,14 @@ class PodmanExecutor:
         return self._handle(run)
 
     def _handle(self, run: _Run) -> TaskHandle:
+        mem, cpus, pids = run.spec_limits
         return TaskHandle(HANDLE_VERSION, run.task_id, self.name, {
             "container_id": run.container_id, "started_at": run.started_at,
             "timeout_s": run.timeout_s, "rootless": self.rootless,
+            "limits": {"memory_bytes": mem, "cpus": cpus, "pids": pids},
             # For the task record: whose host uid the task's uid is.
             "isolation": {"user_namespace": "keep-id (the service user)" if self.rootless
                           else "auto (a uid no account has)"}})
-
-    def _check_applied(self, task_id: str, st: ContainerState, cs: ContainerSpec) -> None:
-        missing = _enforcement_of(st, cs, self.rootless).notes
-        if missing:
-            self._log.warning("task %s: limits not applied: %s", task_id, "; ".join(missing))
 
     def _monitor(self, api: PodmanAdapter, run: _Run, since: float | None,
                  frames: Iterator[LogFrame] | None = None,
@@ -579,30 +638,88 @@ class PodmanExecutor:
         with contextlib.suppress(PodmanError, TaskNotFound):
             self._api().stop(run.container_id, timeout=2)
 
-    # -- cgroup sampling (peak memory, cpu seconds; rootful cgroup v1 only) ---------------------
+    # -- usage: from the task's own cgroup when the kernel keeps one, else its /proc tree -------
 
-    def _cgroup_dir(self, cid: str) -> Path | None:
-        for pattern in CGROUP_V1_ROOTS:
-            p = Path(pattern.format(id=cid))
-            if p.is_dir():
-                return p
-        return None
+    def _metrics_source(self) -> MetricsSource:
+        with self._lock:
+            if self._metrics is None:
+                self._metrics = open_metrics("auto", logger=self._log)
+            return self._metrics
+
+    def _locate(self, run: _Run) -> None:
+        """Find the running container's init PID and cgroup, and what the kernel applied."""
+        try:
+            st = self._api().inspect(run.container_id)
+        except (PodmanError, TaskNotFound, ExecutorUnavailable):
+            st = None
+        place = place_of(st.pid) if st is not None and st.pid else None
+        if st is not None and place is not None:
+            run.pid = st.pid
+            run.applied = compare(*run.spec_limits, read_limits(place), run.container_id)
+            ctl = "" if place.version == 2 else "memory"
+            if own_cgroup(place, run.container_id, ctl):
+                run.cgroup = place.path(ctl)
+                run.source = f"cgroup v{place.version}"
+            else:
+                run.source = "proc tree"
+        else:
+            run.applied = self._probe_fallback(run)
+        missing = [k for k, v in run.applied.items() if v.requested is not None and v.applied is None]
+        if missing:
+            self._log.warning("task %s: limits not applied by the kernel: %s", run.task_id,
+                              "; ".join(f"{k} ({run.applied[k].how})" for k in missing),
+                              extra={"task_id": run.task_id, "event": "task.limits_not_applied"})
+        run.located.set()
+
+    def _probe_fallback(self, run: _Run) -> dict[str, AppliedLimit]:
+        """The task ended before its cgroup could be read: the start-up probe ran the same spec
+        on this host, so the kernel applied (or not) the same kinds of limit."""
+        mem, cpus, pids = run.spec_limits
+        wanted: dict[str, float | int | None] = {"memory_bytes": mem, "cpus": cpus, "pids": pids}
+        out = {}
+        for key, want in wanted.items():
+            probe = self._probe_applied.get(key)
+            held = probe is not None and probe.applied is not None and want is not None
+            how = probe.how if probe is not None else "unknown: no probe result"
+            out[key] = AppliedLimit(want, want if held else None,
+                                    f"{how} (from the start-up probe: the task ended before its "
+                                    "cgroup could be read)")
+        return out
 
     def _sample_once(self, run: _Run) -> None:
-        mem = self._cgroup_dir(run.container_id)
-        if mem is None:
+        try:
+            if run.cgroup is not None:
+                cg = self._metrics_source().snapshot("/", run.cgroup).cgroup
+                if cg is None:
+                    return                       # the cgroup went with the container
+                run.cpu_ns = cg.cpu_usage_ns
+                run.memory_now = cg.memory_current
+                run.peak_memory = max(run.peak_memory or 0, cg.memory_peak or cg.memory_current)
+                pids: int | None = cg.pids_current or None
+            elif run.pid:
+                tree = self._metrics_source().tree(run.pid)
+                if tree is None:
+                    return
+                run.cpu_ns = round(tree.cpu_seconds * 1e9)
+                run.memory_now = tree.rss_bytes
+                run.peak_memory = max(run.peak_memory or 0, tree.rss_bytes)
+                pids = tree.procs
+            else:
+                return
+        except MetricsError as exc:
+            self._log.debug("usage of %s not read: %s", run.task_id, exc)
             return
-        with contextlib.suppress(OSError, ValueError):
-            run.peak_memory = int((mem / "memory.max_usage_in_bytes").read_text())
-        cpuacct = Path(str(mem).replace("/memory/", "/cpuacct/", 1))
-        with contextlib.suppress(OSError, ValueError):
-            run.cpu_ns = int((cpuacct / "cpuacct.usage").read_text())
+        run.pids_now = pids
+        if pids is not None:
+            run.max_pids = max(run.max_pids or 0, pids)
 
     def _sample(self, run: _Run) -> None:
+        self._locate(run)
+        interval = CGROUP_SAMPLE_S if run.cgroup is not None else TREE_SAMPLE_S
         # The cgroup vanishes with the container, so the last sample before exit is what we get.
         while True:
             self._sample_once(run)
-            if run.done.wait(0.2):
+            if run.done.wait(interval):
                 return
 
     # -- the rest of the Executor protocol ------------------------------------------------------
@@ -643,22 +760,37 @@ class PodmanExecutor:
 
     def stats(self, task_id: str) -> Usage | None:
         run = self._run(task_id)
-        if run.done.is_set():
-            return None
-        try:
-            data = self._api().stats(run.container_id)
-        except (PodmanError, TaskNotFound):
-            return None
-        if not data:
+        if run.done.is_set() or run.cpu_ns is None:
             return None
         now = self._clock()
-        cpu_ns = int(data.get("CPUNano") or 0)
+        cpu_ns = run.cpu_ns
         prev_t, prev_ns = run.last_cpu or (run.started_at, 0)
         run.last_cpu = (now, cpu_ns)
         cores = (cpu_ns - prev_ns) / 1e9 / max(now - prev_t, 1e-3)
-        pids = data.get("PIDs")
-        return Usage(max(0.0, cores), int(data.get("MemUsage") or 0),
-                     int(pids) if pids is not None else None)
+        return Usage(max(0.0, cores), run.memory_now, run.pids_now, cpu_ns / 1e9,
+                     run.peak_memory, run.source)
+
+    def facts(self, task_id: str) -> TaskFacts:
+        with self._lock:
+            run = self._runs.get(task_id)
+        if run is None:
+            return TaskFacts()
+        if run.done.is_set():       # the record's read: let a late _locate finish first
+            run.located.wait(5)
+        image_id, digest = self._image_info()
+        prov = {"executor": self.name, "mode": "rootless" if self.rootless else "rootful",
+                "image": self._cfg.image, "image_id": image_id, "image_digest": digest,
+                "container_id": run.container_id}
+        usage = {"source": run.source or "none", "max_pids": run.max_pids}
+        return TaskFacts({k: v.as_dict() for k, v in run.applied.items()}, prov, usage)
+
+    def _image_info(self) -> tuple[str, str]:
+        if self._image is None:
+            try:
+                self._image = self._api().image_info(self._cfg.image) or ("", "")
+            except (PodmanError, ExecutorUnavailable):
+                return "", ""
+        return self._image
 
     def cleanup(self, task_id: str) -> None:
         api = self._api()
@@ -696,8 +828,10 @@ class PodmanExecutor:
         st = api.inspect(cid)      # TaskNotFound when the container is gone
         if st.labels.get(LABEL_NODE) != self._node or st.labels.get(LABEL_MANAGED) != "1":
             raise TaskNotFound(f"container {cid[:12]} is not one of this node's tasks")
+        lim = state.get("limits") or {}
         run = _Run(handle.task_id, cid, float(state.get("started_at", self._clock())),
-                   float(state.get("timeout_s", 3600.0)), st.memory_limit, sink)
+                   float(state.get("timeout_s", 3600.0)), st.memory_limit, sink,
+                   spec_limits=(lim.get("memory_bytes"), lim.get("cpus"), lim.get("pids")))
         with self._lock:
             self._runs[handle.task_id] = run
         if st.running:
@@ -706,6 +840,8 @@ class PodmanExecutor:
             else:
                 self._monitor(api, run, since=None, skip=resume)
         else:
+            run.applied = self._probe_fallback(run)
+            run.located.set()
             if resume is not None:
                 # What it printed while no worker watched: the log still has it (the container
                 # is removed only after its result is durable).
@@ -717,21 +853,22 @@ def _replace(cs: ContainerSpec, **changes: Any) -> ContainerSpec:
     return dataclasses.replace(cs, **changes)
 
 
-def _enforcement_of(st: ContainerState, cs: ContainerSpec, rootless: bool) -> Enforcement:
-    """Compare what was asked for with what `inspect` shows was applied."""
-    mem = cs.memory_bytes is not None and st.memory_limit == cs.memory_bytes
-    cpu = cs.cpu_quota_us is not None and st.cpu_quota == cs.cpu_quota_us
-    pids = cs.pids_limit is not None and st.pids_limit == cs.pids_limit
-    notes = []
-    why = " (rootless Podman on cgroup v1 applies none)" if rootless else ""
-    if cs.memory_bytes is not None and not mem:
-        notes.append(f"memory limit not applied{why}")
-    if cs.cpu_quota_us is not None and not cpu:
-        notes.append(f"cpu limit not applied{why}")
-    if cs.pids_limit is not None and not pids:
-        notes.append(f"pids limit not applied{why}")
-    return Enforcement(isolation="container", memory=mem, cpu=cpu, pids=pids,
-                       network_isolated=st.network_mode in ("none", ""),
+def _spec_limits(cs: ContainerSpec) -> tuple[int | None, float | None, int | None]:
+    """The limits a container spec asks for: memory bytes, CPUs (quota / period), pids."""
+    cpus = (cs.cpu_quota_us / cs.cpu_period_us
+            if cs.cpu_quota_us is not None and cs.cpu_period_us else None)
+    return cs.memory_bytes, cpus, cs.pids_limit
+
+
+def _enforcement_of(st: ContainerState, applied: dict[str, AppliedLimit]) -> Enforcement:
+    """What the kernel applied to the probe container, as the executor's Enforcement."""
+    def on(key: str) -> bool:
+        a = applied.get(key)
+        return a is not None and a.applied is not None
+    notes = [f"{key.replace('_bytes', '')} limit {a.how}" for key, a in applied.items()
+             if a.requested is not None and a.applied is None]
+    return Enforcement(isolation="container", memory=on("memory_bytes"), cpu=on("cpus"),
+                       pids=on("pids"), network_isolated=st.network_mode in ("none", ""),
                        readonly_root=st.read_only, notes=tuple(notes))
 
 

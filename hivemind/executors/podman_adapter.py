@@ -48,6 +48,7 @@ class ContainerState:
     network_mode: str
     read_only: bool
     error: str
+    pid: int = 0                       # host PID of the container's init while it runs (0: none)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,16 @@ class PodmanAdapter:
             return None
         except APIError as exc:
             raise PodmanError(f"image {image}: {exc.explanation or exc}") from None
+
+    def image_info(self, image: str) -> tuple[str, str] | None:
+        """(image ID, digest) of a local image; None when it is missing."""
+        try:
+            img = self._client.images.get(image)
+        except NotFound:
+            return None
+        except APIError as exc:
+            raise PodmanError(f"image {image}: {exc.explanation or exc}") from None
+        return str(img.id), str(img.attrs.get("Digest") or "")
 
     def create(self, spec: ContainerSpec) -> str:
         try:
@@ -176,6 +187,7 @@ class PodmanAdapter:
             pids_limit=int(hc.get("PidsLimit") or 0),
             network_mode=str(hc.get("NetworkMode", "")), read_only=bool(hc.get("ReadonlyRootfs")),
             error=str(st.get("Error") or ""),
+            pid=int(st.get("Pid") or 0),
         )
 
     def list_labelled(self, labels: Mapping[str, str]) -> list[ContainerSummary]:

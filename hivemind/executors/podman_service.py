@@ -212,6 +212,10 @@ class PodmanService:
         if user is not None:
             env.update(HOME=user.home, USER=user.name, LOGNAME=user.name,
                        XDG_RUNTIME_DIR=user.runtime_dir)
+            # A lingering user manager (scripts/setup-podman on systemd + cgroup v2) gives Podman
+            # the systemd cgroup manager and a delegated cgroup: rootless limits then hold.
+            if os.path.exists(f"{user.runtime_dir}/bus"):
+                env["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={user.runtime_dir}/bus"
             if self._euid() == 0:
                 self._make_runtime_dir(user)
                 kwargs = {"user": user.uid, "group": user.gid, "extra_groups": [],

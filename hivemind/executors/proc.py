@@ -122,10 +122,11 @@ class FileTailer(threading.Thread):
     while the file is idle, so a first line arrives within about a millisecond of being written.
     `finish()` drains what is left once the task's processes are gone and ends the thread.
 
-    The file is not a second copy of the output: what has been read is punched out of it (its
-    blocks freed, offsets unchanged, so a restarted daemon resumes at its offset). With
-    `max_bytes`, only that much of the stream is read at all; the rest is punched out unread,
-    as soon as it is seen, so a task printing without end holds about `max_bytes` of disk here.
+    With `max_bytes`, only that much of the stream is read at all; the rest is punched out of
+    the file unread (its blocks freed, offsets unchanged) as soon as it is seen, so a task
+    printing without end holds about `max_bytes` of disk here, plus what it writes while the
+    reader is not looking. What lies below the cap stays: a restarted daemon may resume from
+    any offset its own log says it reached.
     """
 
     MIN_SLEEP = 0.001
@@ -147,8 +148,7 @@ class FileTailer(threading.Thread):
         self._clock = clock
         self._split = LineSplitter()
         self._max_bytes = max_bytes
-        self._punched = offset           # the file before this holds no blocks (or never will)
-        self._punched_past = 0
+        self._punched_past = 0           # the file past the cap is punched out up to here
         self.discarded = 0               # bytes past max_bytes, never read
         self._finishing = threading.Event()
         self.last_lines: collections.deque[str] = collections.deque(maxlen=keep_last)
@@ -165,12 +165,6 @@ class FileTailer(threading.Thread):
         self._finishing.set()
         if self.is_alive():
             self.join(timeout)
-
-    def _punch_read(self, fd: int) -> None:
-        # Only what was handed out: a partial line still in the splitter is re-read on recovery.
-        if self._offset > self._punched:
-            punch_hole(fd, self._punched, self._offset - self._punched)
-            self._punched = self._offset
 
     def _punch_past_cap(self, fd: int, size: int) -> None:
         start = max(self._max_bytes, self._punched_past)
@@ -196,7 +190,7 @@ class FileTailer(threading.Thread):
                         if size > read_pos:
                             self.discarded += size - read_pos
                             read_pos = self._offset = size
-                            self._punch_read(fd)
+                            self._punch_past_cap(fd, size)
                             sleep = self.MIN_SLEEP
                             continue
                         if finishing:
@@ -210,7 +204,6 @@ class FileTailer(threading.Thread):
                     if data:
                         read_pos += len(data)
                         self._take(data)
-                        self._punch_read(fd)
                         if self._max_bytes:
                             # Behind the writer: what lies past the cap will never be read.
                             self._punch_past_cap(fd, os.fstat(fd).st_size)

@@ -72,6 +72,7 @@ from hivemind.executors.base import (
     ExitReason,
     ExitResult,
     OutputSink,
+    TaskFacts,
     TaskHandle,
     TaskSpec,
     Usage,
@@ -136,6 +137,8 @@ class _Task:
     peak_rss: int = 0
     peak_cpu: float = 0.0
     last_usage: tuple[float, float] | None = None  # (monotonic, cpu seconds) at the last stats()
+    facts: TaskFacts | None = None
+    max_pids: int = 0
 
 
 class VenvExecutor:
@@ -297,6 +300,7 @@ class VenvExecutor:
                 task.uid, task.own_uid = user.uid, True
             task.isolation = self.isolation_facts(task.uid, task.own_uid)
             argv, env = self._command(spec, timeout, user)
+            task.facts = self._facts(spec, user, task.own_uid)
             self._spawn(task, spec, argv, env)
         except _StartError as exc:
             self._finish_failed(task, str(exc))
@@ -344,6 +348,35 @@ class VenvExecutor:
                      "--clear-groups", "--no-new-privs", "--bounding-set=-all", "--"]
         argv += limits.prlimit_argv() + ["sh", "-c", _WRAPPER, "hivemind-task", *entry]
         return argv, env
+
+    def _facts(self, spec: TaskSpec, user: TaskUser | None, own_uid: bool) -> TaskFacts:
+        """What the kernel applies to a venv task: rlimits per process, no cgroup."""
+        nproc = clamp_to_hard(resource.RLIMIT_NPROC, self._cfg.nproc)
+        who = user.name if user is not None else "the worker's user"
+        applied: dict[str, dict[str, Any]] = {
+            "memory_bytes": {"requested": spec.limits.memory_bytes, "applied": spec.limits.memory_bytes,
+                             "how": "RLIMIT_AS per process (virtual memory; no cgroup: the task's "
+                                    "processes together may hold more)"},
+            "cpus": {"requested": spec.limits.cpus, "applied": None,
+                     "how": "not applied: no cgroup (RLIMIT_CPU only as a timeout backstop)"},
+            "pids": ({"requested": spec.limits.pids, "applied": nproc,
+                      "how": f"RLIMIT_NPROC={nproc} for the task's own uid {user.uid} (no cgroup)"}
+                     if own_uid and user is not None else
+                     {"requested": spec.limits.pids, "applied": None,
+                      "how": f"not applied per task: RLIMIT_NPROC={nproc} counts every process of {who}"}),
+        }
+        req = spec.requirements.read_bytes() if spec.requirements is not None else None
+        prov = {"executor": self.name, "mode": "venv", "interpreter": self.cache.interpreter_id(),
+                "venv_hash": self.cache.key(req)}
+        return TaskFacts(applied, prov)
+
+    def facts(self, task_id: str) -> TaskFacts:
+        with self._lock:
+            task = self._tasks.get(task_id)
+        if task is None or task.facts is None:
+            return TaskFacts()
+        usage = {"source": "process group", "max_pids": task.max_pids or None}
+        return TaskFacts(task.facts.applied, task.facts.provenance, usage)
 
     def _spawn(self, task: _Task, spec: TaskSpec, argv: list[str], env: dict[str, str]) -> None:
         if task.log_dir.exists():
@@ -600,12 +633,15 @@ class VenvExecutor:
         s = sample_group(task.pid)
         now = time.monotonic()
         task.peak_rss = max(task.peak_rss, s.rss_bytes)
+        task.max_pids = max(task.max_pids, s.pids)
         prev = task.last_usage
         task.last_usage = (now, s.cpu_seconds)
         cores = 0.0
         if prev is not None and now > prev[0]:
             cores = max(0.0, (s.cpu_seconds - prev[1]) / (now - prev[0]))
-        return Usage(cpu_cores=cores, memory_bytes=s.rss_bytes, pids=s.pids)
+        return Usage(cpu_cores=cores, memory_bytes=s.rss_bytes, pids=s.pids,
+                     cpu_seconds=s.cpu_seconds, peak_memory_bytes=task.peak_rss,
+                     source="process group")
 
     def cleanup(self, task_id: str) -> None:
         with self._lock:

@@ -9,8 +9,9 @@ from hivemind.metrics.model import (
     MetricsSource,
     MetricsUnavailable,
     Snapshot,
+    TreeUsage,
 )
 from hivemind.metrics.native import open_metrics
 
 __all__ = ["CgroupStats", "MetricsError", "MetricsSource", "MetricsUnavailable", "Snapshot",
-           "open_metrics"]
+           "TreeUsage", "open_metrics"]

@@ -22,6 +22,15 @@ class CgroupStats:
 
 
 @dataclass(frozen=True)
+class TreeUsage:
+    """A process tree's usage from /proc (a task the kernel keeps no cgroup for)."""
+
+    procs: int  # live processes, the root included (zombies hold nothing and are left out)
+    cpu_seconds: float  # user+system of live members and of the children they reaped
+    rss_bytes: int  # summed resident set sizes (a page shared by two processes counts twice)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The machine at one moment, plus the file system of `disk_path` and optionally one cgroup."""
 
@@ -59,6 +68,11 @@ class MetricsSource(Protocol):
     def snapshot(self, disk_path: str = "/", cgroup_path: str | None = None) -> Snapshot:
         """Reads everything now. `cgroup_path` is relative to each cgroup hierarchy
         (e.g. "/machine.slice/libpod-ID.scope"); raises MetricsError."""
+        ...
+
+    def tree(self, pid: int) -> TreeUsage | None:
+        """Usage of `pid` and all its descendants, listing /proc once; None when pid is gone.
+        Raises MetricsError."""
         ...
 
     def close(self) -> None:

@@ -27,10 +27,11 @@ from hivemind.metrics.model import (
     MetricsSource,
     MetricsUnavailable,
     Snapshot,
+    TreeUsage,
 )
 from hivemind.metrics.psutil_backend import DEFAULT_CGROUP_ROOT, PsutilSource
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_NAME = "libhivemindmetrics.so"
 _ERROR_BUF = 512
 
@@ -59,6 +60,18 @@ class _CSnapshot(ctypes.Structure):
         ("cg_mem_limit", ctypes.c_uint64),
         ("cg_pids_current", ctypes.c_uint64),
         ("cg_pids_limit", ctypes.c_uint64),
+    ]
+
+
+class _CTree(ctypes.Structure):
+    """hm_tree_t from native/hivemind_metrics.h, field for field."""
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("found", ctypes.c_int32),
+        ("procs", ctypes.c_uint64),
+        ("cpu_ns", ctypes.c_uint64),
+        ("rss_bytes", ctypes.c_uint64),
     ]
 
 
@@ -99,6 +112,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hm_set_cgroup_root.argtypes, lib.hm_set_cgroup_root.restype = [c_int, c_char_p], c_int
     lib.hm_snapshot.argtypes = [c_int, c_char_p, c_char_p, ctypes.POINTER(_CSnapshot)]
     lib.hm_snapshot.restype = c_int
+    lib.hm_tree.argtypes = [c_int, c_int, ctypes.POINTER(_CTree)]
+    lib.hm_tree.restype = c_int
     lib.hm_last_error.argtypes = [c_int, ctypes.c_char_p, ctypes.c_size_t]
     lib.hm_last_error.restype = c_int
 
@@ -118,6 +133,7 @@ class NativeSource:
             raise MetricsUnavailable("hm_open failed")
         # Reused for every call: the library fills caller-owned memory only.
         self._out = _CSnapshot()
+        self._tree = _CTree()
         self._lock = threading.Lock()
         self._err = ctypes.create_string_buffer(_ERROR_BUF)
         if cgroup_root != DEFAULT_CGROUP_ROOT and lib.hm_set_cgroup_root(
@@ -153,6 +169,20 @@ class NativeSource:
             memory_total=out.mem_total, memory_available=out.mem_available,
             swap_total=out.swap_total, swap_free=out.swap_free,
             disk_total=out.disk_total, disk_free=out.disk_free, cgroup=cgroup)
+
+    def tree(self, pid: int) -> TreeUsage | None:
+        with self._lock:
+            if self._handle <= 0:
+                raise MetricsError("metrics source is closed")
+            if os.getpid() != self._pid:
+                raise MetricsError("native metrics can't be used in a forked child")
+            out = self._tree
+            out.size = ctypes.sizeof(_CTree)
+            if self._lib.hm_tree(self._handle, pid, ctypes.byref(out)) != 0:
+                raise MetricsError(self._last_error())
+            if not out.found:
+                return None
+            return TreeUsage(procs=out.procs, cpu_seconds=out.cpu_ns / 1e9, rss_bytes=out.rss_bytes)
 
     def _last_error(self) -> str:
         n = self._lib.hm_last_error(self._handle, self._err, _ERROR_BUF)

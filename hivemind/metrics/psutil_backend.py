@@ -11,7 +11,7 @@ import threading
 
 import psutil
 
-from hivemind.metrics.model import CgroupStats, MetricsError, Snapshot
+from hivemind.metrics.model import CgroupStats, MetricsError, Snapshot, TreeUsage
 
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
 # cgroup v1 writes "no limit" as a huge page-aligned number.
@@ -61,6 +61,34 @@ class PsutilSource:
         if dt <= 0 or di > dt:
             return 0.0
         return (dt - di) / dt
+
+    def tree(self, pid: int) -> TreeUsage | None:
+        if pid <= 0:
+            raise MetricsError("pid must be positive")
+        try:
+            root = psutil.Process(pid)
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return None
+        except psutil.Error as exc:
+            raise MetricsError(f"process tree of {pid}: {exc}") from None
+        procs, cpu, rss = 0, 0.0, 0
+        for p in members:
+            try:
+                with p.oneshot():
+                    if p.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    t = p.cpu_times()
+                    cpu += t.user + t.system + t.children_user + t.children_system
+                    rss += p.memory_info().rss
+                    procs += 1
+            except psutil.NoSuchProcess:
+                continue    # exited while we looked: as if it had never been counted
+            except psutil.Error as exc:
+                raise MetricsError(f"process {p.pid}: {exc}") from None
+        if procs == 0:
+            return None
+        return TreeUsage(procs=procs, cpu_seconds=cpu, rss_bytes=rss)
 
     def close(self) -> None:
         with self._lock:

@@ -15,7 +15,7 @@ must not raise for ordinary conditions.
 
 from __future__ import annotations
 
-from typing import Protocol, TypedDict
+from typing import NotRequired, Protocol, TypedDict
 
 # Task states, in lifecycle order. `TASK_STATES` is also the label set of the `hivemind_tasks`
 # gauge, so a state that empties drops to 0 instead of vanishing from the scrape.
@@ -127,6 +127,39 @@ class UsageInfo(TypedDict):
     cpu_cores: float                # average cores busy over the last sample
     memory_bytes: int
     peak_memory_bytes: int | None
+    cpu_percent: NotRequired[float]     # cpu_cores / cores granted × 100 (what TaskUsage sends)
+    memory_percent: NotRequired[float]  # memory_bytes / memory granted × 100
+    cpu_seconds: NotRequired[float | None]
+    pids: NotRequired[int | None]
+    max_pids: NotRequired[int | None]
+    source: NotRequired[str]            # cgroup v1 | cgroup v2 | proc tree | process group
+
+
+class AppliedLimitInfo(TypedDict):
+    requested: float | None
+    applied: float | None           # what the kernel enforces; None: not enforced
+    how: str                        # the cgroup file read and its value, or why not
+
+
+class LimitsInfo(TypedDict):
+    memory_bytes: AppliedLimitInfo
+    cpus: AppliedLimitInfo
+    pids: AppliedLimitInfo
+
+
+class ProvenanceInfo(TypedDict, total=False):
+    archive_sha256: str | None
+    executor: str
+    mode: str                       # rootless | rootful | venv
+    image: str
+    image_id: str
+    image_digest: str
+    container_id: str
+    interpreter: str                # venv: real path and version of the interpreter
+    venv_hash: str
+    worker_version: str
+    node_id: str
+    auth_mode: str
 
 
 class TaskDict(TypedDict):
@@ -143,6 +176,8 @@ class TaskDict(TypedDict):
     exit_reason: str | None         # executors.base.ExitReason value, None while running
     message: str                    # short human-readable note (why it failed, ...), or ""
     output_tail: list[str]          # last lines of output; may be [] in tasks() for brevity
+    limits: LimitsInfo | None       # applied limits (what the kernel enforces), once started
+    provenance: ProvenanceInfo | None   # archive sha256, image or venv, mode, worker, auth
 
 
 class StatusView(Protocol):

@@ -147,12 +147,42 @@
     canvas.dataset.drawn = "1";
   }
 
+  // Live: CPU and memory against the grant (what TaskUsage sends the pool); finished: totals.
+  function usageText(t) {
+    const u = t.usage;
+    if (!u) return "";
+    const pct = (v) => (v === undefined || v === null) ? "" : " (" + v.toFixed(0) + " %)";
+    if (ACTIVE.has(t.state)) {
+      return cores(u.cpu_cores) + " of " + cores(t.requested.cpus) + pct(u.cpu_percent) + " · " +
+        gib(u.memory_bytes) + " of " + gib(t.requested.memory_bytes) + pct(u.memory_percent) +
+        (u.pids ? " · " + u.pids + " procs" : "");
+    }
+    const parts = [];
+    if (u.cpu_seconds !== undefined && u.cpu_seconds !== null) parts.push(u.cpu_seconds.toFixed(1) + " s CPU");
+    if (u.peak_memory_bytes) parts.push("peak " + gib(u.peak_memory_bytes));
+    if (u.max_pids) parts.push(u.max_pids + " procs");
+    return parts.join(" · ");
+  }
+
+  // Which limits the kernel really enforces for this task; the title says how it was read.
+  function limitsText(limits) {
+    if (!limits) return { text: "", cls: "" };
+    const names = { memory_bytes: "memory", cpus: "cpu", pids: "pids" };
+    const on = [], off = [];
+    for (const [k, v] of Object.entries(limits)) {
+      if (v.requested === null) continue;
+      (v.applied === null ? off : on).push(names[k] || k);
+    }
+    const text = (on.length ? on.join(", ") : "none") + (off.length ? " · not: " + off.join(", ") : "");
+    return { text: text, cls: off.length ? "bad-text" : "" };
+  }
+
   function renderTasks(list) {
     const tb = $("task-rows");
     tb.replaceChildren();
     $("task-count").textContent = "(" + list.length + ")";
     if (!list.length) {
-      const tr = el("tr"); const td = el("td", "no tasks", "muted"); td.colSpan = 8;
+      const tr = el("tr"); const td = el("td", "no tasks", "muted"); td.colSpan = 9;
       tr.append(td); tb.append(tr);
     }
     const now = Date.now() / 1000;
@@ -163,7 +193,11 @@
       const state = el("td"); state.append(el("span", t.state, "state state-" + t.state));
       const run = t.started_at ? (t.finished_at || now) - t.started_at : null;
       const req = t.requested;
-      const use = t.usage ? cores(t.usage.cpu_cores) + " · " + gib(t.usage.memory_bytes) : "";
+      const use = usageText(t);
+      const lim = limitsText(t.limits);
+      const limCell = el("td", lim.text, lim.cls);
+      limCell.classList.add("limits");
+      if (t.limits) limCell.title = Object.entries(t.limits).map(([k, v]) => k + ": " + v.how).join("\n");
       const exit = t.exit_reason ? t.exit_reason + (t.exit_code !== null ? " (" + t.exit_code + ")" : "") : "";
       const act = el("td");
       if (ACTIVE.has(t.state)) {
@@ -175,7 +209,7 @@
       }
       tr.append(el("td", t.task_id, "id"), state, el("td", clock(t.created_at)), el("td", dur(run)),
         el("td", cores(req.cpus) + " · " + gib(req.memory_bytes) + (req.gpus ? " · " + req.gpus + " GPU" : "")),
-        el("td", use), el("td", exit, t.state === "failed" ? "bad-text" : ""), act);
+        el("td", use, "usage"), limCell, el("td", exit, t.state === "failed" ? "bad-text" : ""), act);
       if (t.message) tr.title = t.message;
       tb.append(tr);
     }
