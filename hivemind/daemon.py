@@ -28,7 +28,8 @@ from hivemind.executors.base import Executor, ExecutorStatus, OutputLine
 from hivemind.executors.select import select_executor
 from hivemind.logging_setup import log_task_output, register_secret, setup_logging
 from hivemind.notify import Heartbeat, Notifier, Watchdog
-from hivemind.pool.client import NodeInfo, NodeStatus, PoolClient
+from hivemind.pool.client import NodeInfo, NodeStatus
+from hivemind.pool.select import open_pool_client
 from hivemind.pool.session import PoolSession, TaskUsageReport
 from hivemind.secrets import Secret, read_secret
 from hivemind.server.grpc_server import RunningServer, start_worker_server
@@ -87,6 +88,7 @@ class Daemon:
         self.executor: Executor | None = None
         self.executor_status: ExecutorStatus | None = None
         self.metrics: Any = None
+        self.fatal_error = ""
 
     # -- building ------------------------------------------------------------------------------
     def build(self) -> None:
@@ -120,7 +122,7 @@ class Daemon:
         self.cpu_score_total = int(per_core * cores)
         self.lifecycle = Lifecycle(capacity.for_tasks())
         self.store = TaskStore(cfg.state_dir / "worker.db")
-        self.client = PoolClient(cfg.pool, password, cfg.node_id, self.log)
+        self.client = open_pool_client(cfg.pool, password, cfg.node_id, self.log)
         self.worker = Worker(cfg, executor=self.executor, lifecycle=self.lifecycle, store=self.store,
                              capacity=capacity, logger=self.log,
                              upload_output=self.client.upload_output,
@@ -210,13 +212,17 @@ class Daemon:
         self._install_signals()
         self.worker.start()
         self.worker.recover()
-        self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ)
+        self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ,
+                                          generation=self.cfg.pool.protocol)
         self.view_state.grpc_auth_mode = self.server.mode.value
         self.view_state.pool_tls = self.cfg.pool.tls.enabled
+        self.view_state.pool_protocol = self.client.generation
+        self.view_state.pool_limitations = list(self.client.limitations())
         self.session = PoolSession(self.client, self.node_info, self.node_status, self.task_usage,
                                    heartbeat_interval_s=self.cfg.pool.heartbeat_interval_s,
                                    register_interval_s=self.cfg.pool.register_interval_s,
-                                   logger=self.log, on_heartbeat_failure=self.prom.heartbeat_failed)
+                                   logger=self.log, on_heartbeat_failure=self.prom.heartbeat_failed,
+                                   on_fatal=self._fatal)
         self.view = WorkerView(self.worker, lambda: self.executor_status,  # type: ignore[arg-type,return-value]
                                self.session, self.view_state, self.warnings, self.cfg.pool.address)
         if self.cfg.status.enabled:
@@ -242,6 +248,11 @@ class Daemon:
                          logger=self.log)
         self.status_server = StatusServer(app, host, self.cfg.status.port, logger=self.log)
         self.status_server.start()
+
+    def _fatal(self, message: str) -> None:
+        """A problem no retry fixes (the pool speaks another protocol generation): stop."""
+        self.fatal_error = message
+        self.signals.stop.set()
 
     def healthy(self) -> bool:
         """The watchdog's check: the main loop turned recently and the gRPC server answers."""
@@ -302,6 +313,7 @@ class Daemon:
                             cpu_usage=self.view_state.machine.cpu_percent / 100.0)
         self.prom.slots(cap.slots, reserved.slots)
         self.prom.draining(self.worker.draining)
+        self.view_state.pool_limitations = list(self.client.limitations())
         st = self.session.state if self.session else None
         self.prom.pool_registered(bool(st and st.registered and st.connected))
 
@@ -439,6 +451,9 @@ def run_daemon(cfg: Config, *, config_path: str | None = None) -> int:
         daemon.loop()
     finally:
         daemon.shutdown()
+    if daemon.fatal_error:
+        log.error("stopped: %s", daemon.fatal_error, extra={"event": "worker.fatal"})
+        return 1
     return 0
 
 

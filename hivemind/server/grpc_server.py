@@ -20,11 +20,10 @@ from typing import Any
 
 import grpc
 
-from hivemind._proto import nodepool_pb2_grpc
 from hivemind.config import ServerConfig
 from hivemind.errors import HivemindError
 from hivemind.server.auth import AuthInterceptor, AuthMode, FailureLimiter, resolve_server_auth
-from hivemind.server.service import TaskAcceptor, WorkerNodeServicer
+from hivemind.server.service import ServedCalls, TaskAcceptor, add_worker_service
 
 HEALTH_SERVICE = "hivemind.worker.Health"
 HEALTH_METHOD = f"/{HEALTH_SERVICE}/Check"
@@ -95,12 +94,14 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
                         limiter: FailureLimiter | None = None,
                         clock: Callable[[], float] = time.monotonic,
                         max_workers: int = 8,
-                        runtime_dir: str | None = None) -> RunningServer:
+                        runtime_dir: str | None = None,
+                        generation: str = "2026-04") -> RunningServer:
     """Resolve auth, bind `cfg.listen_host:cfg.port`, start serving.
 
     Raises ConfigError/SecretError (auth setup) or ServerStartError (binding), never starting a
     weaker mode than configured. `runtime_dir` holds the private health socket (default: a
-    fresh 0700 temp dir).
+    fresh 0700 temp dir). `generation` is the pool protocol generation (pool.protocol) whose
+    WorkerNodeService messages are served.
     """
     auth = resolve_server_auth(cfg.auth, environ)
     limit = cfg.max_message_mb * 1024 * 1024
@@ -116,8 +117,7 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
             ("grpc.so_reuseport", 0),
         ],
     )
-    nodepool_pb2_grpc.add_WorkerNodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        WorkerNodeServicer(acceptor, logger=logger, clock=clock), server)
+    add_worker_service(server, generation, ServedCalls(acceptor, logger=logger, clock=clock))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(_health_check)})])
 
