@@ -3,8 +3,9 @@
 Exit codes (also in README):
   0  success
   1  runtime failure (the daemon stopped on an error, a task failed in run-task, submit failed)
-  2  usage or configuration error (nothing was started)
-  3  no executor usable on this machine (run, run-task)
+  2  usage, configuration or environment error (nothing was started: a bad key, a state
+     directory that can't be created, a port already taken)
+  3  no executor usable on this machine (run, dev, run-task, probe)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from hivemind import __version__
 from hivemind.config import DEFAULT_CONFIG_PATH, check_daemon_config, describe_defaults, load_config
-from hivemind.errors import ConfigError, HivemindError
+from hivemind.errors import ConfigError, ExecutorUnavailable, HivemindError, StartupError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hivemind-worker",
         description="Compute node of a HiveMind node pool.",
-        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage/config error, 3 no usable executor.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage/config/environment error, 3 no usable executor.",
     )
     parser.add_argument("--version", action="version", version=f"hivemind-worker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_rt.add_argument("--memory-gb", type=int, default=1)
     p_rt.add_argument("--cpus", type=float, default=1.0)
     p_rt.add_argument("--out", type=Path, default=None)
+
+    p_probe = sub.add_parser("probe", help="check that an executor can run tasks on this machine",
+                             description="Probe one executor the way the daemon does at start (Podman: a "
+                                         "container with exactly the task options); exit 0 when usable, "
+                                         "3 with the reason otherwise.")
+    p_probe.add_argument("--config", "-c", default="", help="worker config (default: built-in defaults)")
+    p_probe.add_argument("--executor", default="podman", choices=("podman", "venv"))
+    p_probe.add_argument("--mode", default="", help="Podman mode to probe (default: the config's)")
     return parser
 
 
@@ -129,11 +138,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hivemind.runtask import run_task_command
 
             return run_task_command(args)
+        if args.command == "probe":
+            from hivemind.probe import run_probe_command
+
+            return run_probe_command(args)
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
+    except ExecutorUnavailable as err:
+        print(f"hivemind-worker: {err}", file=sys.stderr)
+        return EXIT_NO_EXECUTOR
+    except StartupError as err:
+        print(f"hivemind-worker: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     except HivemindError as err:
         print(f"hivemind-worker: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as err:
+        # Last resort: an unexpected I/O failure still ends in one line, not a traceback.
+        where = f": {err.filename}" if err.filename else ""
+        print(f"hivemind-worker: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

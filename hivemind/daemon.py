@@ -23,7 +23,7 @@ import psutil
 
 from hivemind import __version__
 from hivemind.config import Config, load_config
-from hivemind.errors import ConfigError, ExecutorUnavailable, HivemindError
+from hivemind.errors import ConfigError, ExecutorUnavailable, HivemindError, StartupError
 from hivemind.executors.base import Executor, ExecutorStatus, OutputLine
 from hivemind.executors.select import select_executor
 from hivemind.logging_setup import log_task_output, register_secret, setup_logging
@@ -41,6 +41,7 @@ from hivemind.worker_view import ViewState, WarningLog, WorkerView
 
 LOOP_TICK_S = 1.0  # status line, metrics and signal flags; SIGTERM wakes it at once
 EXIT_NO_EXECUTOR = 3
+EXIT_STARTUP = 2      # the environment keeps the worker from starting (as config errors)
 
 
 @dataclass
@@ -92,6 +93,13 @@ class Daemon:
 
     # -- building ------------------------------------------------------------------------------
     def build(self) -> None:
+        """Open everything the worker needs; an unusable path or device is a StartupError."""
+        try:
+            self._build()
+        except OSError as exc:
+            raise StartupError(f"can't start: {_os_problem(exc)}") from None
+
+    def _build(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -209,6 +217,7 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------------------
     def start(self) -> None:
+        """Serve; a listener that can't bind is a StartupError (shutdown() undoes the rest)."""
         self._install_signals()
         self.worker.start()
         self.worker.recover()
@@ -246,8 +255,13 @@ class Daemon:
         host = self.cfg.status.listen_host
         app = create_app(self.view, metrics=self.prom, token=token, reads_need_token=reads_need_token(host),
                          logger=self.log)
-        self.status_server = StatusServer(app, host, self.cfg.status.port, logger=self.log)
-        self.status_server.start()
+        server = StatusServer(app, host, self.cfg.status.port, logger=self.log)
+        try:
+            server.start()
+        except OSError as exc:
+            raise StartupError(f"status.listen_host/port: can't listen on {host}:{self.cfg.status.port}: "
+                               f"{exc.strerror or exc}") from None
+        self.status_server = server
 
     def _fatal(self, message: str) -> None:
         """A problem no retry fixes (the pool speaks another protocol generation): stop."""
@@ -347,6 +361,9 @@ class Daemon:
             self.session.set_intervals(cfg.pool.heartbeat_interval_s, cfg.pool.register_interval_s)
 
     def shutdown(self) -> None:
+        if not hasattr(self, "worker"):
+            self._close_partial()   # build() stopped part-way: nothing runs, close what it opened
+            return
         policy = self.cfg.shutdown.policy
         self.notifier.stopping()
         self.log.info("shutting down (policy %s)", policy, extra={"event": "worker.stopping"})
@@ -365,7 +382,9 @@ class Daemon:
             deadline = time.monotonic() + 5
             while self.uploader_pending() and time.monotonic() < deadline:
                 time.sleep(0.1)
-        self.watchdog.stop()
+        watchdog = getattr(self, "watchdog", None)   # absent when start() failed part-way
+        if watchdog is not None:
+            watchdog.stop()
         if self.status_server is not None:
             self.status_server.stop()
         self.worker.close()
@@ -374,6 +393,13 @@ class Daemon:
             close()
         self.client.close()
         self.store.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _close_partial(self) -> None:
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -440,14 +466,21 @@ def run_daemon(cfg: Config, *, config_path: str | None = None) -> int:
         daemon.build()
     except ExecutorUnavailable as exc:
         log.error("%s", exc, extra={"event": "worker.no_executor"})
+        daemon.shutdown()
         return EXIT_NO_EXECUTOR
     except ConfigError:
+        daemon.shutdown()
         raise
     except HivemindError as exc:
         log.error("start failed: %s", exc, extra={"event": "worker.start_failed"})
-        return 1
+        daemon.shutdown()
+        return EXIT_STARTUP if isinstance(exc, StartupError) else 1
     try:
-        daemon.start()
+        try:
+            daemon.start()
+        except StartupError as exc:
+            log.error("start failed: %s", exc, extra={"event": "worker.start_failed"})
+            return EXIT_STARTUP
         daemon.loop()
     finally:
         daemon.shutdown()
@@ -455,6 +488,12 @@ def run_daemon(cfg: Config, *, config_path: str | None = None) -> int:
         log.error("stopped: %s", daemon.fatal_error, extra={"event": "worker.fatal"})
         return 1
     return 0
+
+
+def _os_problem(exc: OSError) -> str:
+    """An OSError as one line an operator can act on: what failed, and on which path."""
+    where = f" {exc.filename!s}" if exc.filename else ""
+    return f"{exc.strerror or exc}:{where}".rstrip(":")
 
 
 __all__ = ["Daemon", "advertised_host", "run_daemon"]

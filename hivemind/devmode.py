@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hivemind.config import Config, load_config, parse_config, to_dict
-from hivemind.errors import ConfigError
+from hivemind.errors import ConfigError, StartupError
 
 DEV_USER = "dev"
 DEV_PASSWORD = "dev"           # the dev pool's task-author account; loopback only
@@ -65,20 +65,27 @@ def run_dev(args: argparse.Namespace) -> int:
     from hivemind.logging_setup import setup_logging
 
     state_dir = Path(args.state_dir).resolve() if args.state_dir else default_dev_state_dir()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        state_dir.chmod(0o711)  # task users (nobody, hivemind) must traverse it
     host, _, port = args.pool_listen.rpartition(":")
     worker_password = secrets.token_urlsafe(16)
     password_file = state_dir / "pool-password"
-    _write_secret(password_file, worker_password)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            state_dir.chmod(0o711)  # task users (nobody, hivemind) must traverse it
+        _write_secret(password_file, worker_password)
+    except OSError as exc:
+        raise StartupError(f"--state-dir: can't use {state_dir}: {exc.strerror or exc}") from None
     setup_logging("info", "stderr", "dev-worker")
     log = logging.getLogger("hivemind")
     pool = DevPool(host=host, port=int(port), users={DEV_USER: DEV_PASSWORD, WORKER_USER: worker_password},
                    dispatch_interval_s=1.0, logger=logging.getLogger("hivemind.devpool"),
                    protocol=getattr(args, "protocol", "2026-04"))
-    pool.start()
-    log.info("development pool (protocol %s) on %s (task author: user %r, password %r)", pool.protocol, pool.address, DEV_USER, DEV_PASSWORD)
+    try:
+        pool.start()
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(f"--pool-listen: the development pool can't listen on {args.pool_listen}: {exc}") from None
+    log.info("development pool (protocol %s) on %s (task author: user %r, password %r)", pool.protocol,
+             pool.address, DEV_USER, DEV_PASSWORD)
     if args.pool_only:
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()

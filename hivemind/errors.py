@@ -19,6 +19,11 @@ class SecretError(ConfigError):
     """A secret file is missing or unreadable. Never carries the secret itself."""
 
 
+class StartupError(HivemindError):
+    """The machine keeps the worker from starting (a state directory it can't create, a port
+    already taken); nothing was started. The message names what and where."""
+
+
 class ArchiveRejected(HivemindError):
     """A task archive broke one of the archive rules; the message names the rule."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hivemind.archive import ArchiveRules
 from hivemind.config import Config, load_config, parse_config
+from hivemind.errors import StartupError
 from hivemind.executors.base import ExitReason, Limits, OutputLine
 from hivemind.executors.select import select_executor
 from hivemind.logging_setup import setup_logging
@@ -53,6 +54,10 @@ def run_task_command(args: argparse.Namespace) -> int:
         print(f"run-task: {src} does not exist", file=sys.stderr)
         return 2
     archive = zip_directory(src) if src.is_dir() else src.read_bytes()
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"node.state_dir: can't create {cfg.state_dir}: {exc.strerror or exc}") from None
     executor, status = select_executor(cfg, log)
     task_id = f"local-{uuid.uuid4().hex[:12]}"
     task_dir = cfg.state_dir / "run-task" / task_id

@@ -45,3 +45,8 @@ def select_executor(cfg: Config, logger: logging.Logger) -> tuple[Executor, Exec
         raise ExecutorUnavailable(f"no executor is usable: venv: {status.reason}")
     logger.info("executor: venv (%s)", status.reason, extra={"event": "executor.selected"})
     return venv, status
+
+
+def executor_for(kind: str, cfg: Config, logger: logging.Logger) -> Executor:
+    """The executor of that kind ("podman" or "venv"), unprobed and without any fallback."""
+    return _podman(cfg, logger) if kind == "podman" else _venv(cfg, logger)

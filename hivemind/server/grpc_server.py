@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from hivemind.config import ServerConfig
-from hivemind.errors import HivemindError
+from hivemind.errors import StartupError
 from hivemind.server.auth import AuthInterceptor, AuthMode, FailureLimiter, resolve_server_auth
 from hivemind.server.service import ServedCalls, TaskAcceptor, add_worker_service
 
@@ -30,7 +30,7 @@ HEALTH_METHOD = f"/{HEALTH_SERVICE}/Check"
 _HEALTH_REPLY = b"ok"
 
 
-class ServerStartError(HivemindError):
+class ServerStartError(StartupError):
     """The server could not listen (address in use, bad address); the message says which."""
 
 
