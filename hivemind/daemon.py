@@ -485,8 +485,9 @@ def run_daemon(cfg: Config, *, config_path: str | None = None) -> int:
     finally:
         daemon.shutdown()
     if daemon.fatal_error:
+        # A pool of the other protocol generation: the fix is pool.protocol, as for a config error.
         log.error("stopped: %s", daemon.fatal_error, extra={"event": "worker.fatal"})
-        return 1
+        return EXIT_STARTUP
     return 0
 
 

@@ -108,6 +108,16 @@ def test_task_output_streams_while_running_and_result_returns(tmp_path: Path, po
             f"http://127.0.0.1:{w.status_port}/api/v1/tasks/stream-1").read())["state"] == "done", 10,
             "state done in the status API")
         assert body["task_id"] == "stream-1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/status") as r:
+            status = json.loads(r.read())
+        assert status["pool"]["protocol"] == pool.protocol
+        if pool.protocol == "2025-10":
+            limits = " ".join(status["pool"]["protocol_limitations"])
+            assert "RefreshToken" in limits and "chunked" in limits
+            # TaskCompleted told the pool the task succeeded, after ReturnTaskResult.
+            assert pool.task("stream-1").completed_success is True
+        else:
+            assert status["pool"]["protocol_limitations"] == []   # this pool offers chunked upload
         assert not list((w.state_dir / "tasks").iterdir()), "task files left after the result was delivered"
 
 

@@ -322,7 +322,7 @@ def test_a_worker_started_against_the_other_generation_fails_fast(tmp_path: Path
         w.start()
         assert w.proc is not None
         rc = w.proc.wait(60)
-        assert rc == 1, w.log()[-2000:]
+        assert rc == 2, w.log()[-2000:]   # a configuration error: pool.protocol is wrong
         log = w.log()
         line = next(x for x in log.splitlines() if "pool.protocol is" in x)
         assert worker_gen in line and pool_gen in line
@@ -333,3 +333,30 @@ def test_a_worker_started_against_the_other_generation_fails_fast(tmp_path: Path
             w.kill9()
         pool.stop()
         shutil.rmtree(w.state_dir, ignore_errors=True)
+
+
+# -- the config key ---------------------------------------------------------------------------------
+
+def test_pool_protocol_key_is_validated_and_shown_by_check_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from hivemind.errors import ConfigError
+
+    assert parse_config({}, {}).pool.protocol == "2026-04"
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"pool": {"protocol": "2024-01"}}, {})
+    text = "\n".join(exc.value.problems)
+    assert "pool.protocol" in text and "2026-04" in text and "2025-10" in text
+    (tmp_path / "pw").write_text("secret\n")
+    cfg = tmp_path / "worker.yaml"
+    # Unquoted, as an operator would write it: YAML reads 2025-10 as a string, not a date.
+    cfg.write_text(f"pool:\n  protocol: 2025-10\n  password_file: {tmp_path / 'pw'}\n"
+                   "server:\n  auth: {legacy_allowed_peers: [192.0.2.10]}\n")
+    r = subprocess.run([sys.executable, "-m", "hivemind", "check-config", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "pool protocol 2025-10" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "hivemind", "check-config", "--defaults"],
+                       capture_output=True, text=True, timeout=60)
+    assert "  protocol: 2026-04  # Protocol generation" in r.stdout
