@@ -16,9 +16,9 @@ from hivemind._proto import nodepool_pb2_grpc as pbg
 from hivemind.config import parse_config
 from hivemind.pool.backoff import Backoff
 from hivemind.pool.client import NodeInfo, NodeStatus, PoolCallFailed, PoolRefused
-from hivemind.pool.v2026_04 import Pool2026 as PoolClient
 from hivemind.pool.session import PoolSession
 from hivemind.pool.token import token_expiry
+from hivemind.pool.v2026_04 import Pool2026 as PoolClient
 from hivemind.secrets import Secret
 
 from e2e import WORKER_PASSWORD, free_port, make_pool, upload, wait_for
