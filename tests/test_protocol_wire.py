@@ -360,3 +360,62 @@ def test_pool_protocol_key_is_validated_and_shown_by_check_config(tmp_path: Path
     r = subprocess.run([sys.executable, "-m", "hivemind", "check-config", "--defaults"],
                        capture_output=True, text=True, timeout=60)
     assert "  protocol: 2026-04  # Protocol generation" in r.stdout
+
+
+# -- authentication of the pool's calls, 2025-10 messages --------------------------------------------
+
+def test_every_auth_mode_guards_the_2025_10_service(tmp_path: Path) -> None:
+    """The auth interceptor works on method paths and metadata, which both generations share;
+    here each mode is attacked with 2025-10 ExecuteTask calls (test_grpc_auth does 2026-04)."""
+    from hivemind.config import ServerAuthConfig, ServerConfig
+    from hivemind.server import pool_channel_credentials
+
+    from certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "token").write_text("tok-2025-10-7c1d\n")
+    rec = Recorder()
+    request = pb25.ExecuteTaskRequest(node_id=NODE, task_id="t-auth", task_zip=b"PKzip")
+
+    def serve(auth: ServerAuthConfig) -> Any:
+        return start_worker_server(ServerConfig(listen_host="127.0.0.1", port=0, auth=auth), rec,
+                                   logger=LOG, generation="2025-10")
+
+    def execute(port: int, creds: grpc.ChannelCredentials | None, metadata: Any = None) -> Any:
+        target = f"127.0.0.1:{port}"
+        with (grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)) as ch:
+            return pb25_grpc.WorkerNodeServiceStub(ch).ExecuteTask(request, metadata=metadata, timeout=10)
+
+    def refused(port: int, creds: grpc.ChannelCredentials | None, metadata: Any = None) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as err:
+            execute(port, creds, metadata)
+        return err.value.code()
+
+    servers = []
+    try:
+        legacy = serve(ServerAuthConfig(mode="legacy", legacy_allowed_peers=["192.0.2.7"]))
+        servers.append(legacy)
+        assert refused(legacy.port, None) is grpc.StatusCode.PERMISSION_DENIED   # 127.0.0.1 isn't listed
+        token = serve(ServerAuthConfig(cert_file=str(pki.server.cert), key_file=str(pki.server.key),
+                                       token_file=str(tmp_path / "token")))
+        servers.append(token)
+        tls = pool_channel_credentials(str(pki.ca))
+        assert refused(token.port, tls) is grpc.StatusCode.UNAUTHENTICATED
+        assert refused(token.port, tls, [("authorization", "Bearer wrong")]) is grpc.StatusCode.UNAUTHENTICATED
+        assert refused(token.port, None) is grpc.StatusCode.UNAVAILABLE
+        assert rec.executed == []
+        assert execute(token.port, tls, [("authorization", "Bearer tok-2025-10-7c1d")]).success
+        mtls = serve(ServerAuthConfig(cert_file=str(pki.server.cert), key_file=str(pki.server.key),
+                                      client_ca_file=str(pki.ca)))
+        servers.append(mtls)
+        assert refused(mtls.port, tls) is grpc.StatusCode.UNAVAILABLE
+        rogue = pool_channel_credentials(str(pki.ca), cert_file=str(pki.rogue_client.cert),
+                                         key_file=str(pki.rogue_client.key))
+        assert refused(mtls.port, rogue) is grpc.StatusCode.UNAVAILABLE
+        assert len(rec.executed) == 1
+        good = pool_channel_credentials(str(pki.ca), cert_file=str(pki.client.cert), key_file=str(pki.client.key))
+        assert execute(mtls.port, good).success
+        assert [r.task_id for r in rec.executed] == ["t-auth", "t-auth"]
+    finally:
+        for s in servers:
+            s.stop(None)
