@@ -147,7 +147,7 @@ class PoolClient(abc.ABC):
         """Deliver a result zip; returns once the pool holds it (raises otherwise)."""
 
     @abc.abstractmethod
-    def _login_rpc(self, username: str, password: str, metadata: list[tuple[str, str]] | None) -> tuple[bool, str, str]:
+    def _login_rpc(self, username: str, password: str) -> tuple[bool, str, str]:
         """Login: (success, message, token)."""
 
     @abc.abstractmethod
@@ -199,15 +199,17 @@ class PoolClient(abc.ABC):
                 except (PoolCallFailed, PoolRefused) as exc:
                     self._log.warning("token renewal failed (%s); logging in again", exc,
                                       extra={"event": "pool.token_refresh_failed"})
-            return self._login()
+            token = self._login()
+            self.logins += 1
+            self._log.info("logged in to the pool as %s", self._cfg.username, extra={"event": "pool.login"})
+            return token
 
     def _login(self) -> str:
-        ok, message, token = self._login_rpc(self._cfg.username, self._password.reveal(), None)
+        """Login with the password; the new token is adopted and returned."""
+        ok, message, token = self._login_rpc(self._cfg.username, self._password.reveal())
         if not ok or not token:
             raise PoolRefused(f"login as {self._cfg.username!r} refused: {message}")
         self._set_token(token)
-        self.logins += 1
-        self._log.info("logged in to the pool as %s", self._cfg.username, extra={"event": "pool.login"})
         return token
 
     def _set_token(self, token: str) -> None:

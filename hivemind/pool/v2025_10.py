@@ -74,8 +74,7 @@ class Pool2025(PoolClient):
                 "(bounded by pool.max_result_message_mb)")
 
     # -- authentication -------------------------------------------------------------------------
-    def _login_rpc(self, username: str, password: str,
-                   metadata: list[tuple[str, str]] | None) -> tuple[bool, str, str]:
+    def _login_rpc(self, username: str, password: str) -> tuple[bool, str, str]:
         resp = self._call("Login", self._users.Login,
                           pb2.LoginRequest(username=username, password=password), auth=False)
         assert isinstance(resp, pb2.LoginResponse)
@@ -83,8 +82,9 @@ class Pool2025(PoolClient):
 
     def _renew(self, old: str) -> str:
         token = self._login()
-        self.logins -= 1      # counted as what it is: a renewal
         self.renewals += 1
+        self._log.info("pool token renewed by a new login (this generation has no RefreshToken)",
+                       extra={"event": "pool.token_renewed"})
         return token
 
     def probe(self) -> None:

@@ -56,8 +56,7 @@ class Pool2026(PoolClient):
         return ()
 
     # -- authentication -------------------------------------------------------------------------
-    def _login_rpc(self, username: str, password: str,
-                   metadata: list[tuple[str, str]] | None) -> tuple[bool, str, str]:
+    def _login_rpc(self, username: str, password: str) -> tuple[bool, str, str]:
         resp = self._call("Login", self._users.Login,
                           pb2.LoginRequest(username=username, password=password), auth=False)
         assert isinstance(resp, pb2.LoginResponse)
