@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_dev.add_argument("--config", default="", help="worker config to start from (dev overrides pool and ports)")
     p_dev.add_argument("--protocol", default="2026-04", choices=("2026-04", "2025-10"),
                        help="pool protocol generation the development pool and the worker speak")
+    p_dev.add_argument("--token-ttl", type=float, default=3600.0,
+                       help="lifetime in seconds of the development pool's login tokens (renewal tests)")
 
     p_submit = sub.add_parser("submit", help="upload a task to a pool and follow it",
                               description="Upload a task directory or zip, print its output live, save the result zip.")

@@ -79,7 +79,7 @@ def run_dev(args: argparse.Namespace) -> int:
     log = logging.getLogger("hivemind")
     pool = DevPool(host=host, port=int(port), users={DEV_USER: DEV_PASSWORD, WORKER_USER: worker_password},
                    dispatch_interval_s=1.0, logger=logging.getLogger("hivemind.devpool"),
-                   protocol=getattr(args, "protocol", "2026-04"))
+                   protocol=getattr(args, "protocol", "2026-04"), token_ttl_s=getattr(args, "token_ttl", 3600.0))
     try:
         pool.start()
     except (OSError, RuntimeError) as exc:

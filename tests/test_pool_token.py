@@ -67,28 +67,34 @@ def test_two_minute_tokens_for_ten_minutes_renew_once_per_lifetime(tmp_path: Pat
     pool.start()
     # The default margin (600 s) is longer than the whole lifetime: renewal must still wait for
     # the middle of it, not happen on every call (126 refreshes in 6 minutes before the fix).
-    c = client(pool.address, generation, clock)
+    clients: list[PoolClient] = []
     try:
-        c.probe()
-        c.register(info())
-        for _ in range(600 // 5):
-            clock.advance(5)
-            assert c.report_status(IDLE)   # an expired token would fail the call
+        for _run in range(2):            # a worker restart half-way: the new process logs in once
+            c = client(pool.address, generation, clock)
+            clients.append(c)
+            c.probe()
+            c.register(info())
+            for _ in range(300 // 5):
+                clock.advance(5)
+                assert c.report_status(IDLE)   # an expired token would fail the call
+            c.close()
         counters = pool.state.counters
-        assert c.logins == 1, "logged in again although renewal works"
-        # Every token is renewed exactly once, in the middle of its life: 600 s / 60 s.
-        assert 5 <= c.renewals <= 11, c.renewals
+        assert [c.logins for c in clients] == [1, 1], "logged in again although renewal works"
+        renewals = sum(c.renewals for c in clients)
+        # Every token is renewed once, in the middle of its life: 2 × 300 s / 60 s.
+        assert 8 <= renewals <= 10, renewals
         if generation == "2026-04":
-            assert counters["login"] == 1
-            assert counters["refresh"] == c.renewals
+            assert counters["login"] == 2
+            assert counters["refresh"] == renewals
             assert counters["refresh_rejected"] == 0
             assert counters["renewed_twice"] == 0, "one token was renewed twice"
         else:
             # No RefreshToken in this generation: each renewal is a Login.
-            assert counters["login"] == 1 + c.renewals
+            assert counters["login"] == 2 + renewals
             assert counters["refresh"] == 0
     finally:
-        c.close()
+        for c in clients:
+            c.close()
         pool.stop()
 
 
