@@ -355,3 +355,22 @@ def test_usage_reaches_the_pool_while_the_task_runs(tmp_path: Path, pool) -> Non
             # RESOURCE_USAGE's memory_mb: the task holds 64 MiB.
             assert 32 < t.memory_usage < 4096, t.memory_usage
         result_of(pool, "usage-1")
+
+
+def test_sigterm_drains_the_running_task_and_leaves_the_node_not_idle(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    w.start()
+    try:
+        wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()), 60,
+                 "registration")
+        upload(pool, {"run.sh": "echo begun\nsleep 3\necho drained > drained.txt\necho done\n"}, "drain-1")
+        wait_for(lambda: (x := pool.task("drain-1")) and "begun" in x.output, 60, "the task to run")
+        assert w.terminate(timeout=60) == 0, w.log()[-3000:]
+    finally:
+        if w.alive():
+            w.kill9()
+    # The task finished during the drain and its result went out before the worker exited.
+    z = result_of(pool, "drain-1", timeout=5)
+    assert z.read("drained.txt") == b"drained\n"
+    node = next(n for n in pool.nodes() if n.node_id == "e2e-node")
+    assert node.status != "Idle", "a stopped worker must not be left Idle at the pool"
