@@ -222,7 +222,7 @@ class Daemon:
         self.worker.start()
         self.worker.recover()
         self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ,
-                                          generation=self.cfg.pool.protocol)
+                                          generation=self.cfg.pool.protocol, node_id=self.cfg.node_id)
         self.view_state.grpc_auth_mode = self.server.mode.value
         self.view_state.pool_tls = self.cfg.pool.tls.enabled
         self.view_state.pool_protocol = self.client.generation

@@ -256,7 +256,7 @@ def test_the_worker_reads_execute_task_in_each_generations_messages(generation: 
     cfg = parse_config({"server": {"listen_host": "127.0.0.1", "port": 0,
                                    "auth": {"mode": "legacy", "legacy_allowed_peers": ["127.0.0.1"]}}}, {})
     rec = Recorder()
-    server = start_worker_server(cfg.server, rec, logger=LOG, generation=generation)
+    server = start_worker_server(cfg.server, rec, logger=LOG, generation=generation, node_id=NODE)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             if generation == "2025-10":
@@ -265,6 +265,10 @@ def test_the_worker_reads_execute_task_in_each_generations_messages(generation: 
                     node_id=NODE, task_id="t-25", task_zip=b"PKzip", cpu=2500, gpu=40, memory_gb=3,
                     gpu_memory_gb=2), timeout=10)
                 stop = stub.StopTaskExecution(pb25.StopTaskExecutionRequest(task_id="t-25"), timeout=10)
+                # A task meant for another node is refused (the pool keeps it queued).
+                other = stub.ExecuteTask(pb25.ExecuteTaskRequest(
+                    node_id="someone-else", task_id="t-26", task_zip=b"PKzip"), timeout=10)
+                assert not other.success and "someone-else" in other.message
                 with pytest.raises(grpc.RpcError) as exc:
                     stub.ReportOutput(pb25.ReportOutputRequest(task_id="t-25"), timeout=10)
                 assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -95,13 +95,14 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
                         clock: Callable[[], float] = time.monotonic,
                         max_workers: int = 8,
                         runtime_dir: str | None = None,
-                        generation: str = "2026-04") -> RunningServer:
+                        generation: str = "2026-04", node_id: str = "") -> RunningServer:
     """Resolve auth, bind `cfg.listen_host:cfg.port`, start serving.
 
     Raises ConfigError/SecretError (auth setup) or ServerStartError (binding), never starting a
     weaker mode than configured. `runtime_dir` holds the private health socket (default: a
     fresh 0700 temp dir). `generation` is the pool protocol generation (pool.protocol) whose
-    WorkerNodeService messages are served.
+    WorkerNodeService messages are served; `node_id` is this node's id (2025-10's ExecuteTask
+    names the node it is meant for).
     """
     auth = resolve_server_auth(cfg.auth, environ)
     limit = cfg.max_message_mb * 1024 * 1024
@@ -117,7 +118,7 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
             ("grpc.so_reuseport", 0),
         ],
     )
-    add_worker_service(server, generation, ServedCalls(acceptor, logger=logger, clock=clock))
+    add_worker_service(server, generation, ServedCalls(acceptor, logger=logger, clock=clock, node_id=node_id))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(_health_check)})])
 

@@ -120,7 +120,8 @@ class ServedCalls:
     """What both generations' servicers do once the fields are out of their messages."""
 
     def __init__(self, acceptor: TaskAcceptor, *, logger: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, node_id: str = "") -> None:
+        self.node_id = node_id      # this node's id, for generations whose requests name the node
         self._acceptor = acceptor
         self._log = logger
         self._clock = clock

@@ -22,6 +22,12 @@ class WorkerNodeServicer(pb2_grpc.WorkerNodeServiceServicer):  # type: ignore[mi
 
     def ExecuteTask(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         peer = context.peer()
+        ours = self._calls.node_id
+        if request.node_id and ours and request.node_id != ours:
+            # The pool dialled an address it has on record for another node (a stale
+            # registration); refusing leaves the task queued for the node it meant.
+            shown = repr(str(request.node_id)[:64])
+            return pb2.ExecuteTaskResponse(success=False, message=f"this is node {ours!r}, not {shown}")
         decision = self._calls.execute(lambda: parse_execute(
             task_id=request.task_id, task_zip=request.task_zip, cpu_score=float(request.cpu),
             gpu_score=float(request.gpu), memory_gb=request.memory_gb,
