@@ -1,7 +1,9 @@
 {
   description = "hivemind-worker: a compute node of a HiveMind node pool";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.11";
+  # A supported release: python3Packages.systemd-python and the pytest hook that takes
+  # disabledTestMarks. Current nixpkgs.lib needs Nix >= 2.18.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs = { self, nixpkgs }:
     let

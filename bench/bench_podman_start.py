@@ -30,9 +30,12 @@ IMAGE = "localhost/hivemind-task:latest"
 CODE = "print('ready', flush=True)"
 
 
-def bare_run() -> float:
+def bare_run(userns: bool = True) -> float:
+    """`podman run` with the isolation the executor gives rootful tasks (userns=auto), or, for
+    comparison, in the host's user namespace (uid 1000 inside = host uid 1000)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["podman", "run", "--rm", "--network", "none", IMAGE,
+    extra = ["--userns=auto"] if userns else []
+    proc = subprocess.Popen(["podman", "run", "--rm", "--network", "none", *extra, IMAGE,
                              "python3", "-c", CODE], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -97,15 +100,18 @@ def main() -> None:
         bare_run()                                   # warm caches for both
         executor_run(ex, ws, -1, defaultdict(list))
         phases.clear()
-        bare, mine = [], []
-        for i in range(runs):                        # interleaved, so drift hits both alike
+        bare, host_ns, mine = [], [], []
+        for i in range(runs):                        # interleaved, so drift hits all alike
             bare.append(bare_run())
+            host_ns.append(bare_run(userns=False))
             mine.append(executor_run(ex, ws, i, phases))
         ex.close()
         svc.close()
     mb, me = statistics.median(bare), statistics.median(mine)
     print(f"runs={runs} (rootful, network none, spec -> first output line)")
-    print(f"bare podman run   median {mb * 1000:7.1f} ms")
+    print(f"bare podman run   median {mb * 1000:7.1f} ms (--userns=auto, as the executor)")
+    print(f"  without userns  median {statistics.median(host_ns) * 1000:7.1f} ms "
+          f"(the user namespace costs {(mb - statistics.median(host_ns)) * 1000:+.1f} ms)")
     print(f"PodmanExecutor    median {me * 1000:7.1f} ms")
     print(f"ratio executor/bare      {me / mb:7.2f}")
     for name, vals in phases.items():

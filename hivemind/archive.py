@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import time
 import zipfile
 import zlib
@@ -52,12 +53,31 @@ STORED_SUFFIXES = frozenset({".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z"
 DEFAULT_COMPRESSLEVEL = 1
 
 
+# What the central directory of `max_members` entries may reasonably take: the fixed 46-byte
+# header plus 1 KiB of name, extra field and comment each on average, plus slack.
+DIRECTORY_BYTES_PER_MEMBER = 46 + 1024
+DIRECTORY_SLACK_BYTES = 64 * 1024
+_EOCD = struct.Struct("<4s4H2LH")                 # end of central directory record, 22 bytes
+_EOCD_SIG = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")          # 20 bytes, right before the EOCD
+_ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")         # 56 bytes, right before the locator
+_ZIP64_EOCD_SIG = b"PK\x06\x06"
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")        # central directory file header, 46 bytes
+_CENTRAL_SIG = b"PK\x01\x02"
+_MAX_COMMENT = 0xFFFF
+
+
 @dataclass(frozen=True)
 class ArchiveRules:
     max_archive_bytes: int
     max_members: int
     max_uncompressed_bytes: int
     max_ratio: float
+
+    @property
+    def max_directory_bytes(self) -> int:
+        return self.max_members * DIRECTORY_BYTES_PER_MEMBER + DIRECTORY_SLACK_BYTES
 
     @classmethod
     def from_config(cls, cfg: ArchiveConfig) -> ArchiveRules:
@@ -104,6 +124,7 @@ def extract_task_archive(source: bytes | Path, dest: Path, rules: ArchiveRules) 
     size = len(source) if isinstance(source, bytes) else os.stat(source).st_size
     if size > rules.max_archive_bytes:
         raise _reject("max_archive_bytes", f"{size} bytes, limit {rules.max_archive_bytes}")
+    check_directory(source, rules)
     existed = _prepare_dest(dest)
     try:
         with _open_zip(source) as zf:
@@ -122,9 +143,90 @@ def inspect_task_archive(source: bytes | Path, rules: ArchiveRules) -> ExtractSu
     size = len(source) if isinstance(source, bytes) else os.stat(source).st_size
     if size > rules.max_archive_bytes:
         raise _reject("max_archive_bytes", f"{size} bytes, limit {rules.max_archive_bytes}")
+    check_directory(source, rules)
     with _open_zip(source) as zf:
         members = _check_members(zf, rules)
     return ExtractSummary(members=len(members), bytes=sum(m.info.file_size for m in members))
+
+
+@dataclass(frozen=True)
+class DirectoryInfo:
+    """What the end records say about the central directory (before zipfile reads it)."""
+
+    members: int
+    directory_bytes: int
+    zip64: bool
+
+
+def check_directory(source: bytes | Path, rules: ArchiveRules) -> DirectoryInfo:
+    """Refuse an archive whose central directory breaks the limits, reading only its end records
+    and at most `rules.max_directory_bytes` of directory: zipfile reads the whole directory and
+    builds an object per entry before anyone can count them (2 million empty members: 1.3 GiB).
+
+    The declared count and size come from the end-of-central-directory record and, when there
+    is one, the zip64 record (the larger of each counts: zipfile believes the zip64 one). The
+    headers in the directory are then counted, because a declared count can lie."""
+    if isinstance(source, bytes):
+        return _check_directory(memoryview(source), len(source), rules)
+    with open(source, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def read_at(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+        return _check_directory(read_at, size, rules)
+
+
+def _check_directory(data: memoryview | Any, size: int, rules: ArchiveRules) -> DirectoryInfo:
+    def read_at(offset: int, length: int) -> bytes | memoryview:
+        if isinstance(data, memoryview):
+            return data[offset:offset + length]
+        return data(offset, length)  # type: ignore[no-any-return]
+
+    tail_start = max(0, size - (_EOCD.size + _MAX_COMMENT))
+    tail = bytes(read_at(tail_start, size - tail_start))
+    at = tail.rfind(_EOCD_SIG)
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise _reject("not a zip", "no end of central directory record")
+    (_sig, _disk, _cd_disk, _disk_entries, members, cd_bytes, cd_offset,
+     _comment) = _EOCD.unpack_from(tail, at)
+    eocd_pos = tail_start + at
+    end_of_directory = eocd_pos
+    zip64 = False
+    locator_pos = eocd_pos - _ZIP64_LOCATOR.size
+    if locator_pos >= 0:
+        locator = bytes(read_at(locator_pos, _ZIP64_LOCATOR.size))
+        if locator[:4] == _ZIP64_LOCATOR_SIG:
+            record_pos = locator_pos - _ZIP64_EOCD.size
+            record = bytes(read_at(record_pos, _ZIP64_EOCD.size)) if record_pos >= 0 else b""
+            if len(record) < _ZIP64_EOCD.size or record[:4] != _ZIP64_EOCD_SIG:
+                raise _reject("not a zip", "zip64 locator without a zip64 end record")
+            fields = _ZIP64_EOCD.unpack(record)
+            # 0xFFFF / 0xFFFFFFFF in the classic record mean "see the zip64 one".
+            members = max(0 if members == 0xFFFF else members, fields[6], fields[7])
+            cd_bytes = max(0 if cd_bytes == 0xFFFFFFFF else cd_bytes, fields[8])
+            end_of_directory = record_pos
+            zip64 = True
+    if members > rules.max_members:
+        raise _reject("max_members", f"{members} members declared, limit {rules.max_members}")
+    if cd_bytes > rules.max_directory_bytes:
+        raise _reject("max_members", f"central directory of {cd_bytes} bytes declared, limit "
+                                     f"{rules.max_directory_bytes} for {rules.max_members} members")
+    if cd_bytes > end_of_directory:
+        raise _reject("not a zip", "central directory larger than the archive")
+    # Count the headers where zipfile will look for them (just before the end records).
+    directory = read_at(end_of_directory - cd_bytes, cd_bytes)
+    counted, pos = 0, 0
+    while pos + _CENTRAL.size <= len(directory):
+        header = _CENTRAL.unpack_from(directory, pos)
+        if header[0] != _CENTRAL_SIG:
+            break      # zipfile reports the broken directory itself
+        counted += 1
+        if counted > rules.max_members:
+            raise _reject("max_members", f"more than {rules.max_members} members in the "
+                                         f"central directory (limit {rules.max_members})")
+        pos += _CENTRAL.size + header[12] + header[13] + header[14]
+    return DirectoryInfo(max(members, counted), cd_bytes, zip64)
 
 
 def _prepare_dest(dest: Path) -> bool:

@@ -83,7 +83,9 @@ class ServerConfig:
     port: int = opt(50052, "Port of the worker's gRPC service; 0 picks a free one.", min=0, max=65535)
     advertise_host: str = opt("", "Host the pool dials back; empty means this machine's primary address (never 127.0.0.1).")
     advertise_port: int = opt(0, "Port advertised to the pool; 0 means the bound port.", min=0, max=65535)
-    max_message_mb: int = opt(1024, "Largest gRPC message accepted (task archives ride in one).", min=1, max=2047)
+    max_message_mb: int = opt(1024, "Largest gRPC message accepted (task archives ride in one); never more than archive.max_archive_mb plus framing.", min=1, max=2047)
+    max_inflight_uploads: int = opt(2, "ExecuteTask calls whose archives may be in memory at once; more get RESOURCE_EXHAUSTED at once (memory budget: this x the message limit).", min=1, max=64)
+    max_failed_auth_per_minute: int = opt(300, "Failed authentications per minute from all addresses together before callers that never authenticated are refused for a minute (beside 10 per address).", min=1, max=1_000_000)
     auth: ServerAuthConfig = field(default_factory=ServerAuthConfig, metadata={"doc": "Who may call the worker."})
 
 
@@ -91,6 +93,7 @@ class ServerConfig:
 class PodmanConfig:
     mode: str = opt("rootless", "rootless (default) or rootful Podman.", choices=("rootless", "rootful"))
     socket: str = opt("", "Podman API URI (unix:///...); empty finds or starts the service for the mode.")
+    socket_wait_s: float = opt(60.0, "With socket set: how long a socket that refuses connections (Podman still starting) is waited for before falling back.", min=0, max=3600)
     image: str = opt("localhost/hivemind-task:latest", "Image tasks run in (built by images/build).")
     network: str = opt("none", "none, or outbound to let tasks open outbound connections.", choices=("none", "outbound"))
     user: str = opt("1000:1000", "uid:gid the task runs as inside the container (non-root).")
@@ -105,9 +108,19 @@ class PodmanConfig:
 class VenvConfig:
     cache_dir: str = opt("", "Where venvs are cached by requirements hash; empty means STATE_DIR/venvs.", path=True)
     python: str = opt("", "Interpreter for task venvs; empty means /usr/bin/python3 if present, else the worker's base interpreter.")
-    task_user: str = opt("nobody", "Unprivileged user tasks run as when the worker is root.")
+    task_user: str = opt("nobody", "Unprivileged user that builds venvs (and runs tasks when uid_range_size is 0) when the worker is root.")
+    uid_range_start: int = opt(2_147_000_000, "First uid (and gid) of the range each running task gets its own uid from, when the worker is root; no account, group or /etc/subuid range may use it.", min=1000, max=4_294_000_000)
+    uid_range_size: int = opt(1000, "How many uids the range has (at least the slots); 0 runs every task as task_user (weaker).", min=0, max=1_000_000)
     nofile: int = opt(1024, "RLIMIT_NOFILE of a task.", min=64, max=1048576)
     nproc: int = opt(512, "RLIMIT_NPROC of a task (per user).", min=16, max=1048576)
+    # NixOS has no /usr/bin: its module points this at the system profile, where bash lives.
+    task_path: str = opt("/usr/bin:/bin", "PATH of a task after its venv's bin directory.")
+
+
+@dataclass(frozen=True)
+class RequirementsConfig:
+    index_url: str = opt("", "Package index requirements.txt is fetched from (wheels only); empty means the index pip on this host uses by default (pip.conf, PIP_INDEX_URL), else PyPI. Tasks can never choose one.")
+    proxy: str = opt("", "HTTP(S) proxy for fetching wheels (http://host:port); empty means none.")
 
 
 @dataclass(frozen=True)
@@ -117,8 +130,12 @@ class ExecutorConfig:
     task_timeout_s: float = opt(3600.0, "Wall-clock limit of one task (a manifest may lower it).", min=1, max=7 * 86400)
     prepare_timeout_s: float = opt(600.0, "Limit of the requirements.txt install step.", min=1, max=86400)
     stop_grace_s: float = opt(10.0, "Seconds between SIGTERM and SIGKILL when stopping a task.", min=0, max=600)
+    max_output_mb: int = opt(64, "Output kept per task (output.log, the container log); past it a marker says the output was truncated.", min=1, max=65536)
+    disk_quota_mb: int = opt(10240, "Most a task may write into its workspace (a loop-mounted filesystem as root, else polled); past it the task stops with reason disk_quota. 0: no quota.", min=0, max=16 * 1024 * 1024)
+    disk_reserve_mb: int = opt(2048, "Free space kept for the host: a task's quota is lowered to what is free beyond this.", min=0, max=16 * 1024 * 1024)
     podman: PodmanConfig = field(default_factory=PodmanConfig, metadata={"doc": "Podman executor."})
     venv: VenvConfig = field(default_factory=VenvConfig, metadata={"doc": "venv fallback executor."})
+    requirements: RequirementsConfig = field(default_factory=RequirementsConfig, metadata={"doc": "How requirements.txt is fetched (both executors)."})
 
 
 @dataclass(frozen=True)
@@ -274,6 +291,15 @@ def _cross_checks(cfg: Config, environ: Mapping[str, str], problems: list[str]) 
             problems.append(f"{key}: secret file {str(path)!r} is not readable; fix its owner or mode")
     if cfg.server.advertise_host == "127.0.0.1":
         problems.append("server.advertise_host: '127.0.0.1' is skipped by the pool; use another loopback address such as 127.0.0.2")
+    ven = cfg.executor.venv
+    if ven.uid_range_size and cfg.executor.slots > ven.uid_range_size:
+        problems.append(f"executor.venv.uid_range_size: {ven.uid_range_size} is less than "
+                        f"executor.slots ({cfg.executor.slots}); each running task needs a uid")
+    req = cfg.executor.requirements
+    if req.index_url and not req.index_url.startswith(("http://", "https://", "file:///")):
+        problems.append(f"executor.requirements.index_url: {req.index_url!r} must be an http://, https:// or file:/// URL")
+    if req.proxy and not req.proxy.startswith(("http://", "https://")):
+        problems.append(f"executor.requirements.proxy: {req.proxy!r} must be an http:// or https:// URL")
     if ":" not in cfg.pool.address:
         problems.append(f"pool.address: {cfg.pool.address!r} needs host:port")
     if (cfg.status.enabled and not _is_loopback(cfg.status.listen_host) and not cfg.status.token_file):

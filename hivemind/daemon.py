@@ -102,10 +102,10 @@ class Daemon:
     def _build(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            # Tasks run as other users (nobody, the rootless Podman user): they must traverse the
-            # state directory to reach their workspace; listing it stays closed to them.
-            cfg.state_dir.chmod((cfg.state_dir.stat().st_mode & 0o7777) | 0o711)
+        # Task data is private: root (or the worker's user) only. As root, tasks run as other
+        # users (per-task uids, the rootless Podman user) that must traverse the state dir to
+        # reach their own workspace: 0711, never listable or readable by them.
+        cfg.state_dir.chmod(0o711 if os.geteuid() == 0 else 0o700)
         password = self._password()
         from hivemind.metrics import open_metrics
         from hivemind.metrics.cpuscore import cpu_score
@@ -222,6 +222,7 @@ class Daemon:
         self.worker.start()
         self.worker.recover()
         self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ,
+                                          max_archive_mb=self.cfg.archive.max_archive_mb,
                                           generation=self.cfg.pool.protocol, node_id=self.cfg.node_id)
         self.view_state.grpc_auth_mode = self.server.mode.value
         self.view_state.pool_tls = self.cfg.pool.tls.enabled
@@ -248,10 +249,15 @@ class Daemon:
         from hivemind.status.app import create_app
         from hivemind.status.server import StatusServer, reads_need_token
 
-        token = None
         if self.cfg.status.token_file:
             token = read_secret("status.token_file", self.cfg.status.token_file, self.environ)
-            register_secret(token)
+        else:
+            from hivemind.status.token import generated_token
+
+            token, path = generated_token(self.cfg.state_dir)
+            self.log.info("status API: status.token_file is unset; task lists and operator actions "
+                          "take the token in %s (mode 0600)", path, extra={"event": "status.token_generated"})
+        register_secret(token)
         host = self.cfg.status.listen_host
         app = create_app(self.view, metrics=self.prom, token=token, reads_need_token=reads_need_token(host),
                          logger=self.log)
@@ -365,7 +371,10 @@ class Daemon:
             self._close_partial()   # build() stopped part-way: nothing runs, close what it opened
             return
         policy = self.cfg.shutdown.policy
-        self.notifier.stopping()
+        # The drain may outlast the unit's TimeoutStopSec (a static 90 s on Debian): extend it by
+        # what this config can take, so systemd never kills the worker in mid-drain.
+        drain = self.cfg.shutdown.drain_timeout_s + self.cfg.executor.stop_grace_s + 30
+        self.notifier.stopping(extend_timeout_s=drain if policy == "drain" else None)
         self.log.info("shutting down (policy %s)", policy, extra={"event": "worker.stopping"})
         self.worker.drain()
         if self.session is not None:

@@ -98,7 +98,9 @@ def run_dev(args: argparse.Namespace) -> int:
         daemon.build()
         daemon.start()
         if daemon.status_server is not None:
-            log.info("monitor: http://127.0.0.1:%d/", daemon.status_server.port)
+            log.info("monitor: http://127.0.0.1:%d/ (the task list asks for the token in %s)",
+                     daemon.status_server.port,
+                     cfg.status.token_file or cfg.state_dir / "status-token")
         if args.demo:
             # The demo prints the task's output itself; the journal copy would show every line twice.
             logging.getLogger("hivemind.task").setLevel(logging.WARNING)

@@ -8,6 +8,11 @@ output and nothing else.
 
 Secrets registered with `register_secret` are replaced in every record's message (and traceback)
 before any handler formats it: defence in depth behind secrets.Secret's own repr.
+
+Task output is the task's, so it is hostile text: control characters (terminal escape sequences,
+carriage returns) are shown as `\x1b`-style escapes in both targets, and the stderr target
+carries task output only at debug level (a task printing gigabytes must not make the worker's
+own log as big; the journal keeps every line, with its HIVEMIND_OUTPUT field).
 """
 
 from __future__ import annotations
@@ -33,6 +38,26 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
 
 JournalSend = Callable[..., None]
+
+# C0 controls but tab and newline (a traceback keeps its lines), DEL, and C1 controls.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+                    if c not in (0x09, 0x0A)}
+
+
+def neutralise_controls(text: str) -> str:
+    """`text` with every control character shown as an escape (so it can't drive a terminal)."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class OutputAtDebugOnly(logging.Filter):
+    """Drops task output records (those with `hivemind_output`) unless debug logging is on."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.debug or getattr(record, "hivemind_output", None) is None
 
 
 class SecretRedactor(logging.Filter):
@@ -115,6 +140,7 @@ class JournalFieldsHandler(logging.Handler):
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
             if record.exc_text:
                 message = f"{message}\n{record.exc_text}"
+            message = neutralise_controls(message)
             fields: dict[str, Any] = {
                 "PRIORITY": str(_priority(record.levelno)),
                 "SYSLOG_IDENTIFIER": self._identifier,
@@ -146,7 +172,7 @@ class OneLineFormatter(logging.Formatter):
                  (("task_id", "task"), ("event", "event"), ("hivemind_output", "output"))
                  if getattr(record, attr, None) is not None]
         record.context = f" [{' '.join(parts)}]" if parts else ""
-        return super().format(record)
+        return neutralise_controls(super().format(record))
 
 
 def running_under_systemd(environ: Mapping[str, str], journal_socket: str = JOURNAL_SOCKET,
@@ -187,6 +213,7 @@ def setup_logging(level: str, target: str, node_id: str, *,
     else:
         handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
         handler.setFormatter(OneLineFormatter())
+        handler.addFilter(OutputAtDebugOnly(level == "debug"))
     handler.addFilter(redactor or DEFAULT_REDACTOR)
     handler.set_name("hivemind")
     root = logging.getLogger()
@@ -202,6 +229,7 @@ def log_task_output(logger: logging.Logger, task_id: str, stream: str, text: str
     if stream not in OUTPUT_STREAMS:
         raise ValueError(f"stream {stream!r}: expected stdout or stderr")
     # Both streams at INFO: tasks write progress to stderr routinely; the field tells them apart.
+    # (The stderr target drops these unless debug logging is on: OutputAtDebugOnly.)
     if not logger.isEnabledFor(logging.INFO):
         return
     extra = {"task_id": task_id, "hivemind_output": stream}

@@ -10,9 +10,14 @@ The daemon's order (what systemd expects of a Type=notify service):
     on SIGHUP:  notifier.reloading(); reload config; notifier.ready(status)
     on SIGTERM: notifier.stopping(); drain; exit
 
-The datagrams are sent with the standard library rather than the `sdnotify` package: that package
-reads only os.environ, latin-1-encodes (a non-latin-1 STATUS is silently dropped) and swallows
-every error, while this module needs an injectable environment and UTF-8 STATUS lines.
+The datagrams are sent with the standard library, not systemd-python's `systemd.daemon.notify`
+(libsystemd's sd_pid_notify), although that library is a dependency already (the journal
+handler): sd_notify reads $NOTIFY_SOCKET from the process environment on every call, so the
+variable would have to stay set for the daemon's whole life and every child the worker spawns
+(setpriv, pip, podman, the Podman API service it may start) would inherit it. This module reads
+the socket address once, unsets the variables before any child exists, and takes an injectable
+environment for tests. The protocol is one AF_UNIX datagram of KEY=value lines (abstract
+addresses start with "@"), which is all sd_notify does for these messages.
 """
 
 from __future__ import annotations
@@ -101,8 +106,13 @@ class Notifier:
         uses to tell this reload from an older one (Type=notify-reload); older versions ignore it."""
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={self._monotonic_usec()}")
 
-    def stopping(self) -> bool:
-        return self.notify("STOPPING=1")
+    def stopping(self, extend_timeout_s: float | None = None) -> bool:
+        """Shutdown began. `extend_timeout_s`: the stop may take this long (a drain), so systemd
+        must not kill the worker before then even when the unit's TimeoutStopSec is shorter."""
+        fields = ["STOPPING=1"]
+        if extend_timeout_s is not None and extend_timeout_s > 0:
+            fields.append(f"EXTEND_TIMEOUT_USEC={int(extend_timeout_s * 1_000_000)}")
+        return self.notify(*fields)
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")

@@ -75,11 +75,13 @@ def run_task_command(args: argparse.Namespace) -> int:
         task_id, executor=executor, paths=paths, archive=archive,
         limits=Limits(cpus=args.cpus, memory_bytes=args.memory_gb * GIB, pids=pc.pids_limit,
                       timeout_s=cfg.executor.task_timeout_s, tmpfs_bytes=pc.tmpfs_mb * 1024 * 1024,
-                      network=pc.network == "outbound"),
+                      network=pc.network == "outbound",
+                      output_bytes=cfg.executor.max_output_mb * 1024 * 1024),
         labels={"hivemind.node_id": cfg.node_id}, node_id=cfg.node_id,
         rules=ArchiveRules.from_config(cfg.archive), max_result_bytes=cfg.archive.max_result_mb * 1024 * 1024,
         stop_grace_s=cfg.executor.stop_grace_s, task_timeout_s=cfg.executor.task_timeout_s,
-        output=TaskOutput(task_id, paths.output_log, show), advance=lambda tid, st: None,
+        output=TaskOutput(task_id, paths.output_log, show,
+                          max_bytes=cfg.executor.max_output_mb * 1024 * 1024), advance=lambda tid, st: None,
         started=lambda h: None, finished=results.append, logger=log, accepted_at=time.time())
     print(f"running {src} with the {executor.name} executor ({status.reason})", file=sys.stderr)
     runner.start()

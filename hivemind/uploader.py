@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivemind import faults
 from hivemind.pool.backoff import Backoff
 from hivemind.pool.client import PoolCallFailed, PoolRefused
 
@@ -89,6 +90,7 @@ class ResultUploader:
             task_id = e.item.task_id
             extra = {"task_id": task_id}
             try:
+                faults.hit("upload_in_flight", task_id)
                 self._upload(task_id, e.item.path)
             except PoolRefused as exc:
                 self.failures += 1
@@ -113,6 +115,9 @@ class ResultUploader:
                                   delay, extra={**extra, "event": "result.upload_failed"})
                 return delay
             self._pool_down.reset()
+            # A crash here resends the same archive after the restart: the pool stores it again
+            # (same bytes), which is the only repeat the protocol leaves room for.
+            faults.hit("upload_acknowledged", task_id)
             self._drop(task_id)
             self._log.info("result of %s delivered", task_id, extra={**extra, "event": "result.delivered"})
             self._on_delivered(task_id)

@@ -105,7 +105,7 @@ class WorkerView:
                                   pids=bool(enf and enf.pids),
                                   network_isolated=bool(enf and enf.network_isolated),
                                   readonly_root=bool(enf and enf.readonly_root)),
-                notes=list(enf.notes) if enf else []),
+                notes=(list(enf.notes) if enf else []) + w.limit_notes()),
             security=security_info(self.state.grpc_auth_mode, self.state.pool_tls),
             metrics_backend=self.state.metrics_backend,
             resources=ResourcesInfo(

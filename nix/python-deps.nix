@@ -4,8 +4,7 @@ ps: with ps; [
   protobuf
   podman
   psutil
-  sdnotify
-  systemd
+  systemd-python
   pyyaml
   falcon
   waitress

@@ -1,4 +1,4 @@
-# units/NAME.unit.json as NixOS unit attribute sets: { unit, service, install }, each
+# units/NAME.unit.json as NixOS unit attribute sets: { unit, service, socket, install }, each
 # `Key = value` (or a list where a directive repeats). Builtins only, so tests/test_nix.py can
 # evaluate it without nixpkgs and compare it with units/NAME.service.
 { substitute ? (value: value)
@@ -24,5 +24,6 @@ in
 {
   unit = toDirectives (inSection "Unit");
   service = toDirectives (inSection "Service");
+  socket = toDirectives (inSection "Socket");
   install = toDirectives (inSection "Install");
 }

@@ -24,11 +24,17 @@ from hivemind.devpool.server import DevPool
 from hivemind.devpool.testing import free_port, task_zip, wait_for
 from hivemind.devpool.userclient import user_client
 
+from statedir import state_root
+
 GENERATIONS = ("2026-04", "2025-10")
 
 WORKER_HOST = "127.0.0.2"   # the pool skips nodes that advertise exactly 127.0.0.1
 WORKER_PASSWORD = "worker-pw-e2e-7f3a9c"
 DEV_PASSWORD = "dev-pw-e2e-51b2"
+
+
+# Every state directory write_worker_config made in this process (conftest removes them).
+STATE_DIRS: list[Path] = []
 
 
 def make_pool(spool: Path, port: int = 0, protocol: str = "2026-04", **kw: Any) -> DevPool:
@@ -78,10 +84,12 @@ class WorkerProc:
 
 
 def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], *,
-                        extra: dict[str, Any] | None = None, protocol: str = "2026-04") -> WorkerProc:
+                        extra: dict[str, Any] | None = None,
+                        state_prefix: str = "hivemind-e2e-", protocol: str = "2026-04") -> WorkerProc:
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
     # pytest's tmp_path lives under a 0700 directory, so the state goes under /var/tmp.
-    state = Path(tempfile.mkdtemp(prefix="hivemind-e2e-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix=state_prefix, dir=state_root()))
+    STATE_DIRS.append(state)
     state.chmod(0o711)
     (tmp / "state-dir").write_text(str(state))
     pw = tmp / "pool-password"
@@ -125,11 +133,12 @@ def _raise(w: WorkerProc) -> bool:
     raise AssertionError(f"worker died:\n{w.log()[-4000:]}")
 
 
-def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1) -> None:
+def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1,
+           cpu_score: int = 0) -> None:
     """Queue a task in the pool through its real gRPC API, as a user would."""
     data = files if isinstance(files, bytes) else task_zip(files)
     with user_client(pool.protocol, pool.address, "dev", DEV_PASSWORD) as c:
-        ok, message = c.upload(task_id, data, memory_gb=memory_gb)
+        ok, message = c.upload(task_id, data, memory_gb=memory_gb, cpu_score=cpu_score)
         assert ok, message
 
 
@@ -155,3 +164,15 @@ def result_of(pool: DevPool, task_id: str, timeout: float = 120) -> zipfile.ZipF
         raise AssertionError(f"task {task_id}: {t.status if t else 'unknown'}: {t.message if t else ''}") from None
     assert t.result_path is not None
     return zipfile.ZipFile(io.BytesIO(t.result_path.read_bytes()))
+
+
+def status_get(w: WorkerProc, path: str) -> bytes:
+    """GET from the worker's status API with its token (generated in the state dir when the
+    config names none: task data always needs it)."""
+    import urllib.request
+
+    token = (w.state_dir / "status-token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{w.status_port}{path}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return bytes(r.read())

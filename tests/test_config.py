@@ -172,3 +172,17 @@ def test_advertised_host_is_never_127_0_0_1() -> None:
     assert advertised_host(parse_config({"server": {"listen_host": "127.0.0.2"}}, {})) == "127.0.0.2"
     assert advertised_host(parse_config({}, {})) != "127.0.0.1"
     assert advertised_host(parse_config({"server": {"listen_host": "127.0.0.1"}}, {})) != "127.0.0.1"
+
+
+def test_requirements_and_task_uid_keys_are_checked() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"executor": {"slots": 8, "venv": {"uid_range_size": 4},
+                                   "requirements": {"index_url": "ftp://x/simple",
+                                                    "proxy": "socks5://127.0.0.1:1"}}}, environ={})
+    text = str(err.value)
+    assert "executor.requirements.index_url: 'ftp://x/simple'" in text
+    assert "executor.requirements.proxy: 'socks5://127.0.0.1:1'" in text
+    assert "executor.venv.uid_range_size: 4 is less than executor.slots (8)" in text
+    ok = parse_config({"executor": {"requirements": {"index_url": "https://pypi.example/simple",
+                                                     "proxy": "http://proxy:3128"}}}, environ={})
+    assert ok.executor.requirements.index_url == "https://pypi.example/simple"

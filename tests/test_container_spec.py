@@ -41,9 +41,11 @@ def test_defaults_are_locked_down(tmp_path: Path) -> None:
     assert (kw["cpu_quota"], kw["cpu_period"]) == (150_000, 100_000)
     assert {"Name": "nofile", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
     assert {"Name": "nproc", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
-    assert "devices" not in kw and "userns_mode" not in kw
+    assert "devices" not in kw
+    # Rootful: a user namespace of its own, so uid 1000 inside is no host account's uid.
+    assert kw["userns_mode"] == {"nsmode": "auto"} and kw["idmappings"] == {"AutoUserNs": True}
     assert kw["init"] is True            # SIGTERM reaches the task; PID 1 alone ignores it
-    assert kw["log_config"] == {"Type": "k8s-file"}
+    assert kw["log_config"] == {"Type": "k8s-file", "Config": {"size": 16 * MiB}}
 
 
 def test_labels_are_ours_and_cannot_be_overridden(tmp_path: Path) -> None:
@@ -59,7 +61,8 @@ def test_mounts_workspace_rw_and_tmpfs_sized(tmp_path: Path) -> None:
     kw = build_container_spec(_spec(tmp_path), cfg, "n", rootless=False).create_kwargs()
     by_target = {m["target"]: m for m in kw["mounts"]}
     assert by_target["/workspace"] == {"type": "bind", "target": "/workspace",
-                                       "source": str(tmp_path), "read_only": False}
+                                       "source": str(tmp_path), "read_only": False,
+                                       "chown": True}   # to the task's mapped uid
     tmp = by_target["/tmp"]  # noqa: S108 - the container's tmpfs
     assert tmp["type"] == "tmpfs"
     assert tmp["size"] == str(64 * MiB)   # the smaller of Limits and config
@@ -107,18 +110,28 @@ def test_root_user_refused() -> None:
     assert parse_user("1000") == (1000, 1000)
 
 
-def test_prepare_spec_has_network_and_writes_only_the_build_dir(tmp_path: Path) -> None:
+def test_prepare_spec_has_no_network_and_no_workspace(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("six\n")
     spec = TaskSpec("t-1", tmp_path, Entry(("python3", "x.py")),
                     Limits(cpus=1, memory_bytes=MiB), requirements=tmp_path / "requirements.txt")
-    rootful = build_prepare_spec(spec, PodmanConfig(), "n", rootless=False, build_dir="/b")
-    rootless = build_prepare_spec(spec, PodmanConfig(), "n", rootless=True, build_dir="/b")
-    assert rootful.network_mode == "bridge"
-    assert rootless.network_mode == "host"          # slirp4netns needs /dev/net/tun (0600 here)
+    rootful = build_prepare_spec(spec, PodmanConfig(), "n", rootless=False, build_dir="/b",
+                                 wheels_dir="/w")
+    rootless = build_prepare_spec(spec, PodmanConfig(), "n", rootless=True, build_dir="/b",
+                                  wheels_dir="/w")
+    # The install is offline: wheels the worker fetched, nothing of the archive.
+    assert rootful.network_mode == rootless.network_mode == "none"
     assert rootful.name == container_name("n", "t-1", "prepare")
     assert rootful.labels["hivemind.role"] == "prepare"
-    assert rootful.command[-2:] == ("-r", "/workspace/requirements.txt")
+    assert rootful.command[-2:] == ("-r", "/opt/hivemind/wheels/requirements.txt")
+    assert "--no-index" in rootful.command and "--only-binary=:all:" in rootful.command
     mounts = {m.target: m for m in rootful.mounts}
-    assert mounts["/workspace"].read_only is True
+    assert "/workspace" not in mounts
+    assert mounts["/opt/hivemind/wheels"].read_only is True
     assert mounts[PYCACHE_MOUNT].read_only is False and mounts[PYCACHE_MOUNT].source == "/b"
     assert rootful.read_only and rootful.cap_drop == ("ALL",)
+
+
+def test_container_log_is_capped_at_the_output_cap(tmp_path: Path) -> None:
+    spec = build_container_spec(_spec(tmp_path, output_bytes=3 * MiB), PodmanConfig(), "node-a",
+                                rootless=True)
+    assert spec.create_kwargs()["log_config"] == {"Type": "k8s-file", "Config": {"size": 3 * MiB}}

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from e2e import WORKER_HOST, free_port
+from statedir import state_root
 
 
 @pytest.mark.parametrize("executor,protocol", [("venv", "2026-04"), ("auto", "2026-04"), ("venv", "2025-10")])
 def test_dev_demo_runs_the_sample_task(executor: str, protocol: str) -> None:
-    state = Path(tempfile.mkdtemp(prefix="hivemind-devtest-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix="hivemind-devtest-", dir=state_root()))
     state.chmod(0o711)
     try:
         r = subprocess.run(

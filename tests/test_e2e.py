@@ -24,6 +24,7 @@ from e2e import (
     make_pool,
     result_of,
     running_worker,
+    status_get,
     stop_via_pool,
     task_zip,
     upload,
@@ -100,13 +101,10 @@ def test_task_output_streams_while_running_and_result_returns(tmp_path: Path, po
         assert record["node_id"] == "e2e-node"
         assert "last line" in z.read("_hivemind/output.log").decode()
         # Status API shows the task as done once the pool acknowledged the result.
-        import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/tasks/stream-1") as r:
-            body = json.loads(r.read())
-        wait_for(lambda: json.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{w.status_port}/api/v1/tasks/stream-1").read())["state"] == "done", 10,
-            "state done in the status API")
+        body = json.loads(status_get(w, "/api/v1/tasks/stream-1"))
+        wait_for(lambda: json.loads(status_get(w, "/api/v1/tasks/stream-1"))["state"] == "done", 10,
+                 "state done in the status API")
         assert body["task_id"] == "stream-1"
         with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/status") as r:
             status = json.loads(r.read())
@@ -254,10 +252,9 @@ def test_known_secrets_reach_no_log_status_error_or_result(tmp_path: Path, pool)
         assert record["exit_code"] == 3
         out = z.read("_hivemind/output.log").decode()
         assert "ENV" in out and ("DENIED" in out or "READ" not in out)
-        import urllib.request
 
         status_bodies = b"".join(
-            urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}{p}").read()
+            status_get(w, p)
             for p in ("/api/v1/status", "/api/v1/tasks", "/api/v1/tasks/secret-1", "/metrics"))
         # A refusal (error message) after a run with secrets set.
         stub = worker_stub(w, pool.protocol)

@@ -249,3 +249,27 @@ def test_failure_limiter_window_and_bound() -> None:
     for i in range(100):
         limiter.record_failure(f"peer-{i}")
     assert len(limiter._failures) <= 9
+
+
+def test_global_failure_cap_blocks_strangers_but_not_the_pool() -> None:
+    clock = FakeClock()
+    limiter = FailureLimiter(max_failures=3, max_global_failures=20, window_s=60, cooldown_s=30,
+                             clock=clock)
+    limiter.record_success("10.0.0.1")            # the pool authenticated before
+    hit = [limiter.record_failure(f"203.0.113.{i}") for i in range(20)]   # one try per address
+    assert hit[-1] and not any(hit[:-1])
+    assert limiter.blocked("198.51.100.7")        # a new address is refused during the cool-down
+    assert not limiter.blocked("10.0.0.1")        # the pool is not
+    clock.now += 31
+    assert not limiter.blocked("198.51.100.7")
+
+
+def test_ipv6_peers_are_counted_by_their_64() -> None:
+    from ipaddress import ip_address
+
+    from hivemind.server.auth import limiter_key
+
+    a = limiter_key(ip_address("2001:db8:1:2::1"), "")
+    b = limiter_key(ip_address("2001:db8:1:2:ffff::9"), "")
+    assert a == b == "2001:db8:1:2::/64"
+    assert limiter_key(ip_address("192.0.2.1"), "") == "192.0.2.1"

@@ -59,6 +59,8 @@ def test_messages_reach_the_socket(listener: tuple[str, socket.socket]) -> None:
     assert recv(sock) == "RELOADING=1\nMONOTONIC_USEC=123456"
     n.stopping()
     assert recv(sock) == "STOPPING=1"
+    n.stopping(extend_timeout_s=160)
+    assert recv(sock) == "STOPPING=1\nEXTEND_TIMEOUT_USEC=160000000"
     n.watchdog()
     assert recv(sock) == "WATCHDOG=1"
     n.close()

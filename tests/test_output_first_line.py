@@ -37,7 +37,9 @@ def test_first_line_is_sent_without_waiting_for_the_batch(tmp_path: Path) -> Non
         out(_line("second"))
         assert sent[0][0] == "t1" and "first" in sent[0][1]
         assert all("second" not in text for _, text in sent)   # batched: waits for the round
-        streamer.finish("t1")
+        done = threading.Event()
+        streamer.finish("t1", then=done.set)
+        assert done.wait(30)
         assert "".join(text for _, text in sent).endswith("second\n")
     finally:
         streamer.stop()
@@ -63,7 +65,8 @@ def test_a_failed_first_send_keeps_the_line_for_the_next_round(tmp_path: Path) -
         deadline = time.monotonic() + 30
         while streamer.failures == 0 and time.monotonic() < deadline:   # give_back follows the raise
             time.sleep(0.01)
-        assert out.has_pending() and out.take_batch(1024) == "first\n"
+        batch = out.next_batch(1024)
+        assert out.has_pending() and batch is not None and batch.text == "first\n"
     finally:
         streamer.stop()
         out.close()

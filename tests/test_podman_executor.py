@@ -7,6 +7,7 @@ is left behind and that no pip-cache lock remains.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pwd
@@ -19,9 +20,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from hivemind.config import PodmanConfig
+from hivemind.config import PodmanConfig, RequirementsConfig
 from hivemind.errors import TaskNotFound
 from hivemind.executors.base import (
     Entry,
@@ -34,6 +36,8 @@ from hivemind.executors.base import (
 )
 from hivemind.executors.podman import PodmanExecutor
 from hivemind.executors.podman_service import PodmanService, ping
+
+from pkgindex import make_wheel, serve_index
 
 IMAGE = "localhost/hivemind-task:latest"
 MiB = 1024 * 1024
@@ -256,6 +260,80 @@ def test_recover_after_recreating_the_executor(ex: PodmanExecutor, service: Podm
     ex2.close()
 
 
+def test_recover_resumes_after_the_last_recorded_line(ex: PodmanExecutor, service: PodmanService,
+                                                     node: str, tmp_path: Path) -> None:
+    """The log can only be re-read from the container's start: lines the worker's log already
+    holds (`resume`, per stream) are dropped, the rest arrive once, also those printed while no
+    worker watched and those of a container that exited meanwhile (issue 15, item 4)."""
+    code = ("import os, sys, time\n"
+            "print('a1', flush=True); print('e1', file=sys.stderr, flush=True)\n"
+            "print('a2', flush=True)\n"
+            "while not os.path.exists('go'): time.sleep(0.02)\n"
+            "print('a3', flush=True); print('e2', file=sys.stderr, flush=True)\n"
+            "while not os.path.exists('end'): time.sleep(0.02)\n"
+            "print('a4', flush=True)\n")
+    spec = _task(tmp_path, code)
+    sink = Sink()
+    handle = ex.start(spec, sink)
+    assert sink.wait_for("a2") and sink.wait_for("e1")
+    seen = {ln.stream: ln.pos for ln in sink.lines}
+    assert seen == {"stdout": 2, "stderr": 1}
+    (spec.workspace / "go").touch()          # printed while "no worker" follows it
+    assert sink.wait_for("e2")
+    ex2 = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 60,
+                         service=service)
+    sink2 = Sink()
+    ex2.recover(handle, sink2, resume=seen)
+    assert sink2.wait_for("e2")
+    (spec.workspace / "end").touch()
+    res = ex2.wait("t1", 60)
+    assert res is not None and res.exit_code == 0
+    assert sink2.texts("stdout") == ["a3", "a4"] and sink2.texts("stderr") == ["e2"]
+    # Exited while no worker watched: the same resume collects exactly the unseen lines.
+    ex3 = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 60,
+                         service=service)
+    sink3 = Sink()
+    ex3.recover(handle, sink3, resume={"stdout": 3, "stderr": 2})
+    assert ex3.wait("t1", 30) is not None
+    assert sink3.texts() == ["a4"] and sink3.lines[0].pos == 4
+    ex3.cleanup("t1")
+    ex2.close()
+    ex3.close()
+
+
+def test_a_service_left_by_a_killed_worker_is_adopted_then_stopped(tmp_path: Path) -> None:
+    """Item 5: the worker that started the API service dies without close(); the next one (same
+    state dir) adopts it and stops it on close. A recorded PID whose start time differs (reused)
+    is never touched."""
+    sock = tmp_path / "podman.sock"
+    state = tmp_path / "state"
+    first = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock), state_dir=state)
+    first.ensure()
+    record = json.loads((state / "podman-service.json").read_text())
+    pid = record["pid"]
+    assert psutil.pid_exists(pid) and ping(str(sock))
+    # (no first.close(): the worker was killed)
+    second = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock), state_dir=state)
+    assert second.ensure() == f"unix://{sock}" and second.owned
+    assert second._proc is None, "it must adopt, not start another"
+    second.close()
+    assert not ping(str(sock)) and not (state / "podman-service.json").exists()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # A record naming a live process that isn't the service (PID reused): left alone.
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (state / "podman-service.json").write_text(json.dumps(
+            {"pid": bystander.pid, "start_time": 1.0, "socket": str(sock)}))
+        third = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock),
+                              state_dir=state)
+        third.ensure()                      # starts its own
+        assert bystander.poll() is None and third._proc is not None
+        third.close()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_orphans_never_include_unlabelled_containers(ex: PodmanExecutor, node: str) -> None:
     name = f"hivemind-{node}-foreign"
     subprocess.run(["podman", "create", "--name", name, IMAGE, "true"], check=True,
@@ -269,31 +347,45 @@ def test_orphans_never_include_unlabelled_containers(ex: PodmanExecutor, node: s
 
 
 def _requirements_task(tmp_path: Path, text: str, task_id: str) -> TaskSpec:
-    spec = _task(tmp_path, "import six\nprint('six', six.__version__)\n", task_id=task_id)
+    spec = _task(tmp_path, "import hmsix\nprint('hmsix', hmsix.VERSION)\n", task_id=task_id)
     (spec.workspace / "requirements.txt").write_text(text)
     return TaskSpec(spec.task_id, spec.workspace, spec.entry, spec.limits,
                     requirements=spec.workspace / "requirements.txt")
 
 
 @pytest.mark.slow
-def test_requirements_installed_once_then_cached(ex: PodmanExecutor, tmp_path: Path) -> None:
-    spec = _requirements_task(tmp_path, "six==1.16.0\n", "t1")
-    prep = Sink()
-    ex.prepare(spec, prep, threading.Event())
-    assert any("six" in t for t in prep.texts("prepare")), prep.texts()
-    sink = Sink()
-    ex.start(spec, sink)
-    res = ex.wait("t1", 60)
-    assert res is not None and res.exit_code == 0, sink.texts()
-    assert sink.texts() == ["six 1.16.0"]
-    again = _requirements_task(tmp_path, "six==1.16.0\n", "t2")
-    prep2 = Sink()
-    ex.prepare(again, prep2, threading.Event())
-    assert prep2.texts() == ["requirements already installed (cached)"]
+def test_requirements_installed_once_then_cached(service: PodmanService, node: str,
+                                                 tmp_path: Path) -> None:
+    wheels = tmp_path / "index"
+    wheels.mkdir()
+    make_wheel(wheels, "hmsix", "1.16.0", {"hmsix.py": "VERSION = '1.16.0'\n"})
+    with serve_index(wheels) as index:
+        ex = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 120,
+                            service=service, requirements=RequirementsConfig(index_url=index.url))
+        try:
+            spec = _requirements_task(tmp_path, "hmsix==1.16.0\n", "t1")
+            prep = Sink()
+            ex.prepare(spec, prep, threading.Event())
+            assert any("hmsix" in t for t in prep.texts("prepare")), prep.texts()
+            sink = Sink()
+            ex.start(spec, sink)
+            res = ex.wait("t1", 60)
+            assert res is not None and res.exit_code == 0, sink.texts()
+            assert sink.texts() == ["hmsix 1.16.0"]
+            fetched = len(index.hits)
+            again = _requirements_task(tmp_path, "hmsix==1.16.0\n", "t2")
+            prep2 = Sink()
+            ex.prepare(again, prep2, threading.Event())
+            assert prep2.texts() == ["requirements already installed (cached)"]
+            assert len(index.hits) == fetched          # no network the second time
+        finally:
+            for t in ("t1", "t2"):
+                ex.cleanup(t)
+            ex.close()
 
 
-def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, node: str,
-                                                          tmp_path: Path) -> None:
+def test_cancel_during_pip_download_leaves_nothing_running(service: PodmanService, node: str,
+                                                           tmp_path: Path) -> None:
     # An index on the host that accepts connections and never answers: pip hangs in it.
     srv = socket.create_server(("0.0.0.0", 0))
     held: list[socket.socket] = []
@@ -310,9 +402,10 @@ def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, no
                 return
 
     port = srv.getsockname()[1]
-    spec = _requirements_task(
-        tmp_path, f"--index-url http://host.containers.internal:{port}/simple\n"
-        "--trusted-host host.containers.internal\nsix\n", "t1")
+    ex = PodmanExecutor(PodmanConfig(mode="rootful"), node, tmp_path / "state", LOG, 120,
+                        service=service,
+                        requirements=RequirementsConfig(index_url=f"http://127.0.0.1:{port}/simple"))
+    spec = _requirements_task(tmp_path, "six\n", "t1")
     cancel = threading.Event()
     prep = Sink()
     hold_thread = threading.Thread(target=hold, daemon=True)
@@ -332,8 +425,10 @@ def test_cancel_during_pip_install_leaves_nothing_running(ex: PodmanExecutor, no
         for c in held:
             c.close()
         srv.close()
+    ex.close()
     assert _our_containers(node) == []
     assert not list((tmp_path / "state" / "podman-pycache").glob(".*tmp*"))
+    assert not list((tmp_path / "state" / "podman-pycache").glob(".*wheels*"))
 
 
 def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from statedir import state_root
+
 
 @pytest.fixture()
 def state_dir():
     # Tasks run as `nobody` in the venv executor, which must reach the state directory.
-    d = Path(tempfile.mkdtemp(prefix="hivemind-runtask-", dir="/var/tmp"))  # noqa: S108
+    d = Path(tempfile.mkdtemp(prefix="hivemind-runtask-", dir=state_root()))
     d.chmod(0o711)
     yield d
     subprocess.run(["rm", "-rf", str(d)], check=False)

@@ -164,10 +164,10 @@ def test_status_carries_documented_keys(local: Client) -> None:
 
 
 def test_tasks_list_and_one(local: Client) -> None:
-    status, body = local.json("GET", "/api/v1/tasks")
+    status, body = local.json("GET", "/api/v1/tasks", token=TOKEN)
     assert status == 200
     assert [t["task_id"] for t in body["tasks"]] == ["task-run-1", "task-done-0"]
-    status, one = local.json("GET", "/api/v1/tasks/task-done-0")
+    status, one = local.json("GET", "/api/v1/tasks/task-done-0", token=TOKEN)
     assert status == 200
     assert one["exit_code"] == 0 and one["output_tail"] == ["step 1", "step 2"]
     assert set(one) == set(TaskDict.__annotations__)
@@ -176,7 +176,7 @@ def test_tasks_list_and_one(local: Client) -> None:
 @pytest.mark.parametrize("path", ["/api/v1/tasks/nope", "/api/v1/tasks/..%2F..%2Fetc",
                                   "/no/such/route", "/static/../app.py", "/static/monitor.html"])
 def test_unknown_is_404_json(local: Client, path: str) -> None:
-    status, body = local.json("GET", path)
+    status, body = local.json("GET", path, token=TOKEN)
     assert status == 404
     assert body["status"] == 404 and body["error"]
 
@@ -185,9 +185,27 @@ def test_wrong_method_is_405_and_get_changes_nothing(local: Client, view: FakeVi
     for method, path in [("GET", "/api/v1/drain"), ("GET", "/api/v1/tasks/task-run-1/stop"),
                          ("POST", "/api/v1/status"), ("DELETE", "/api/v1/tasks/task-run-1"),
                          ("PUT", "/healthz")]:
-        status, body = local.json(method, path)
+        status, body = local.json(method, path, token=TOKEN)
         assert (status, body["status"]) == (405, 405), (method, path)
     assert view.drained == 0 and view.stopped == []
+
+
+def test_task_data_needs_token_even_on_loopback(local: Client, view: FakeView) -> None:
+    """Any local user can reach a loopback port: task lists and output tails need the token;
+    health, readiness, metrics and the node's status stay open there."""
+    for path in ("/api/v1/tasks", "/api/v1/tasks/task-done-0"):
+        for token in (None, "", "wrong", TOKEN[:-1]):
+            status, body = local.json("GET", path, token=token)
+            assert status == 401, (path, token)
+            assert "task-done-0" not in json.dumps(body) and "step 1" not in json.dumps(body)
+    for path in ("/healthz", "/readyz", "/metrics", "/api/v1/status"):
+        assert local.call("GET", path)[0] == 200, path
+    no_token = start_status_server(view, token=None)
+    try:
+        assert Client(no_token.port).call("GET", "/api/v1/tasks")[0] == 403
+        assert Client(no_token.port).call("GET", "/api/v1/status")[0] == 200
+    finally:
+        no_token.stop()
 
 
 def test_writes_need_token_even_on_loopback(local: Client, view: FakeView) -> None:
@@ -255,7 +273,7 @@ def test_token_never_in_responses_or_logs(remote: Client, view: FakeView,
 def test_body_holding_the_token_is_withheld(local: Client, view: FakeView,
                                             caplog: pytest.LogCaptureFixture) -> None:
     view.task_list[0]["message"] = f"oops {TOKEN}"
-    status, body = local.json("GET", "/api/v1/tasks")
+    status, body = local.json("GET", "/api/v1/tasks", token=TOKEN)
     assert status == 500 and body["error"] == "response withheld"
     assert TOKEN not in caplog.text
 
@@ -395,7 +413,8 @@ def test_slow_view_does_not_block_health(view: FakeView) -> None:
     server = start_status_server(view)
     try:
         result: list[int] = []
-        t = threading.Thread(target=lambda: result.append(Client(server.port).call("GET", "/api/v1/tasks")[0]))
+        t = threading.Thread(target=lambda: result.append(
+            Client(server.port).call("GET", "/api/v1/tasks", token=TOKEN)[0]))
         t.start()
         assert Client(server.port).call("GET", "/healthz")[0] == 200
         gate.set()

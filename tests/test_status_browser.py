@@ -55,7 +55,7 @@ def _attr(dom: str, element_id: str, name: str) -> str | None:
 
 
 def test_monitor_renders_tasks_and_charts(server: StatusServer, tmp_path: Path) -> None:
-    dom = dump_dom(server.url + "/", tmp_path)
+    dom = dump_dom(with_token(server.url + "/", TOKEN), tmp_path)
     assert re.search(r'<body[^>]*data-state="ok"', dom), dom[:2000]
     assert re.search(r'<tr[^>]*data-task-id="task-run-1"[^>]*data-state="running"', dom)
     assert 'data-task-id="task-fail-2"' in dom
@@ -68,12 +68,20 @@ def test_monitor_renders_tasks_and_charts(server: StatusServer, tmp_path: Path) 
 
 
 def test_monitor_screenshot(server: StatusServer, tmp_path: Path) -> None:
-    png = screenshot(server.url + "/", tmp_path / "monitor.png", tmp_path)
+    png = screenshot(with_token(server.url + "/", TOKEN), tmp_path / "monitor.png", tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     keep = os.environ.get("HIVEMIND_TEST_ARTIFACTS")
     if keep:  # to look at it: HIVEMIND_TEST_ARTIFACTS=/tmp/shots pytest ...
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(png, Path(keep) / "monitor.png")
+
+
+def test_monitor_on_loopback_shows_the_node_but_asks_for_the_token_for_tasks(
+        server: StatusServer, tmp_path: Path) -> None:
+    dom = dump_dom(server.url + "/", tmp_path, budget_ms=2000)
+    assert re.search(r'<body[^>]*data-state="unauthorized"', dom)
+    assert "node-a" in dom                                 # /api/v1/status is open on loopback
+    assert 'data-task-id="task-run-1"' not in dom          # the task list is not
 
 
 def test_monitor_asks_for_token_on_remote_bind(tmp_path: Path) -> None:

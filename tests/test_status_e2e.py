@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from browser import dump_dom, find_chromium, screenshot
+from browser import dump_dom, find_chromium, screenshot, with_token
 from e2e import make_pool, running_worker, upload, wait_for, write_worker_config
 
 TOKEN = "status-token-e2e-0c5d7e"
@@ -49,7 +49,7 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     base = f"http://127.0.0.1:{w.status_port}"
     upload(pool, {"main.py": "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n"},
            "status-run-1")
-    wait_for(lambda: json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1]).get("state") == "running",
+    wait_for(lambda: json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1", token=TOKEN)[1]).get("state") == "running",
              60, "the task to run")
     assert http("GET", f"{base}/healthz")[0] == 200
     code, body, _ = http("GET", f"{base}/readyz")
@@ -60,12 +60,12 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     assert st["executor"]["name"] == "venv" and st["executor"]["isolation"] == "process"
     assert st["security"]["insecure"] is True and st["slots"]["used"] == 1
     assert st["metrics_backend"] in ("native", "psutil")
-    tasks = json.loads(http("GET", f"{base}/api/v1/tasks")[1])["tasks"]
+    tasks = json.loads(http("GET", f"{base}/api/v1/tasks", token=TOKEN)[1])["tasks"]
     assert [t["task_id"] for t in tasks] == ["status-run-1"]
-    one = wait_for(lambda: (t := json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1]))
+    one = wait_for(lambda: (t := json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1", token=TOKEN)[1]))
                    and any("tick" in line for line in t["output_tail"]) and t, 30, "output in the task's tail")
     assert one["requested"]["memory_bytes"] == 1024 ** 3
-    assert http("GET", f"{base}/api/v1/tasks/nope")[0] == 404
+    assert http("GET", f"{base}/api/v1/tasks/nope", token=TOKEN)[0] == 404
     assert http("GET", f"{base}/no/such/route")[0] == 404
     assert http("GET", f"{base}/api/v1/drain")[0] == 405
     assert http("POST", f"{base}/api/v1/drain")[0] == 401
@@ -86,10 +86,10 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     assert "/api/v1/tasks/{task_id}" in spec["paths"]
     # The monitor page shows the running task and its charts.
     if find_chromium() is not None:
-        dom = dump_dom(base + "/", tmp_path)
+        dom = dump_dom(with_token(base + "/", TOKEN), tmp_path)
         assert re.search(r'data-task-id="status-run-1"[^>]*data-state="running"', dom), dom[:3000]
         assert re.search(r'id="cpu-chart"[^>]*data-drawn="1"', dom) or 'data-drawn="1"' in dom
-        png = screenshot(base + "/", tmp_path / "monitor.png", tmp_path)
+        png = screenshot(with_token(base + "/", TOKEN), tmp_path / "monitor.png", tmp_path)
         assert png.stat().st_size > 10_000
         if os.environ.get("HIVEMIND_TEST_ARTIFACTS"):
             keep = Path(os.environ["HIVEMIND_TEST_ARTIFACTS"])
@@ -98,16 +98,16 @@ def test_every_endpoint_of_a_running_daemon(daemon: Any, tmp_path: Path) -> None
     # Operator actions with the token: stop the task, then drain.
     code, _, _ = http("POST", f"{base}/api/v1/tasks/status-run-1/stop", token=TOKEN)
     assert code == 202
-    wait_for(lambda: json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1])["state"] in
+    wait_for(lambda: json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1", token=TOKEN)[1])["state"] in
              ("uploading", "stopped"), 30, "the task to stop")
-    ended = wait_for(lambda: (t := json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1")[1]))
+    ended = wait_for(lambda: (t := json.loads(http("GET", f"{base}/api/v1/tasks/status-run-1", token=TOKEN)[1]))
                      and t["state"] == "stopped" and t, 30, "the stopped result delivered")
     assert ended["exit_reason"] == "stopped" and any("tick" in line for line in ended["output_tail"])
     assert http("POST", f"{base}/api/v1/drain", token=TOKEN)[0] == 202
     st = json.loads(http("GET", f"{base}/api/v1/status")[1])
     assert st["draining"] is True
     code, body, _ = http("GET", f"{base}/readyz")
-    all_bodies = b"".join(http("GET", f"{base}{p}")[1] for p in ("/api/v1/status", "/api/v1/tasks", "/metrics"))
+    all_bodies = b"".join(http("GET", f"{base}{p}", token=TOKEN)[1] for p in ("/api/v1/status", "/api/v1/tasks", "/metrics"))
     assert TOKEN.encode() not in all_bodies and b"worker-pw-e2e" not in all_bodies
     assert TOKEN not in w.log() and "worker-pw-e2e" not in w.log()
 

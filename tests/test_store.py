@@ -144,6 +144,23 @@ def test_forget_drops_task_and_result(tmp_path: Path) -> None:
         assert store.known_ids() == {"t1"}
 
 
+def test_discard_forgets_an_unacknowledged_task_entirely(tmp_path: Path) -> None:
+    """A task whose ExecuteTask never answered yes (killed before its archive was persisted):
+    after discard, a restored lifecycle admits the pool's retry of the same id."""
+    lc = Lifecycle(CAP)
+    with TaskStore(tmp_path / "s.db") as store:
+        follow(lc, store)
+        assert lc.admit("t1", Resources(1.0, GiB, (), 1)).ok
+        assert lc.admit("t2", Resources(1.0, GiB, (), 1)).ok
+        store.discard("t1")
+        assert [s.record.task_id for s in store.tasks()] == ["t2"]
+        assert store.known_ids() == {"t2"}
+        again = Lifecycle(CAP)
+        restore_lifecycle(again, store)
+        assert again.admit("t1", Resources(1.0, GiB, (), 1)).ok
+        assert not again.admit("t2", Resources(1.0, GiB, (), 1)).ok
+
+
 def test_the_database_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "s.db"
     TaskStore(db).close()

@@ -196,3 +196,39 @@ def test_main_reads_the_password_file(pool: DevPool, worker: FakeWorker, task_di
     assert out.read_bytes() == b"the result archive"
     captured = capsys.readouterr()
     assert "step 1" in captured.out and "COMPLETED" in captured.err and "alice-pw" not in captured.err
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A directory nobody may create files in: a 0555 one for a normal user; as root (which
+    ignores modes) /proc/self, where even root can't create a file."""
+    import os
+
+    if os.geteuid() == 0:
+        return Path("/proc/self")
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+def test_an_unwritable_result_path_is_one_clear_error(pool: DevPool, worker: FakeWorker, task_dir: Path,
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`submit` without --out writes next to its input, which may be read-only (the sample in the
+    Nix store): the OSError becomes one line naming the path and the fix, through the CLI too."""
+    from hivemind.cli import main as cli_main
+
+    target = _unwritable_dir(tmp_path) / "mytask.result.zip"
+    with pytest.raises(SubmitError) as err:
+        submit_task(pool.address, task_dir, "alice", "alice-pw", out_path=target, poll_interval_s=0.02,
+                    on_output=lambda _t: None, timeout_s=60)
+    message = str(err.value)
+    assert "\n" not in message and str(target) in message and "--out" in message
+    assert not target.with_name(target.name + ".part").exists()
+    pw = tmp_path / "pw"
+    pw.write_text("alice-pw\n")
+    capsys.readouterr()
+    rc = cli_main(["submit", str(task_dir), "--pool", pool.address, "--user", "alice", "--password-file", str(pw),
+                   "--out", str(target), "--timeout", "60"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("hivemind-worker: task ") and "can't be saved" in lines[0]

@@ -80,17 +80,20 @@ def test_output_batches_are_bounded_and_whole_lines(tmp_path: Path) -> None:
     out = TaskOutput("t1", tmp_path / "out.log")
     for i in range(100):
         out(line(f"line {i:03d}"))
-    batch = out.take_batch(100)
-    assert batch.startswith("line 000\n") and len(batch) <= 100 and batch.endswith("\n")
-    rest = ""
-    while out.has_pending():
-        rest += out.take_batch(100)
-    assert (batch + rest).count("\n") == 100
+    batch = out.next_batch(100)
+    assert batch is not None
+    assert batch.text.startswith("line 000\n") and len(batch.text) <= 100 and batch.text.endswith("\n")
+    assert out.next_batch(100) == batch, "nothing moves before the pool acknowledged"
+    text = ""
+    while (b := out.next_batch(100)) is not None:
+        text += b.text
+        out.ack(b)
+    assert text == "".join(f"line {i:03d}\n" for i in range(100))
     out.close()
     assert (tmp_path / "out.log").read_text().count("\n") == 100
 
 
-def test_failed_batch_goes_back_in_front(tmp_path: Path) -> None:
+def test_failed_batch_is_resent_in_order_and_nothing_twice(tmp_path: Path) -> None:
     sent: list[str] = []
     fail = {"on": True}
 
@@ -108,17 +111,89 @@ def test_failed_batch_goes_back_in_front(tmp_path: Path) -> None:
     assert sent == [] and out.has_pending()
     fail["on"] = False
     out(line("c"))
-    streamer.finish("t1")
+    done = threading.Event()
+    streamer.finish("t1", then=done.set)
+    streamer.flush_all()
+    assert done.is_set() and "".join(sent) == "a\nb\nc\n"
+    streamer.flush_all()
     assert "".join(sent) == "a\nb\nc\n"
     out.close()
 
 
-def test_stream_drops_oldest_beyond_limit_but_log_keeps_all(tmp_path: Path) -> None:
+def test_an_outage_at_the_end_holds_the_result_until_every_line_is_out(tmp_path: Path) -> None:
+    # The bug this guards: finish() gave up after the first failed flush, and the lines printed
+    # during the outage never reached the pool.
+    sent: list[str] = []
+    down = threading.Event()
+    down.set()
+
+    def send(task_id: str, text: str) -> None:
+        if down.is_set():
+            raise PoolCallFailed("UNAVAILABLE")
+        sent.append(text)
+
+    streamer = OutputStreamer(send, 0.02, 64, LOG)
+    streamer.start()
     out = TaskOutput("t1", tmp_path / "o.log")
-    big = "x" * 1000
-    for _ in range(3000):  # ~3 MB against a 1 MiB stream buffer
-        out(line(big))
-    first = out.take_batch(10_000)
-    assert first.startswith("[hivemind:") and "not streamed" in first
+    uploaded = threading.Event()
+    try:
+        streamer.add(out)
+        for i in range(30):
+            out(line(f"l{i}"))
+        out.close()
+        streamer.finish("t1", then=uploaded.set)
+        wait_for(lambda: streamer.failures >= 3, 10, "a few failed rounds")
+        assert not uploaded.is_set(), "the result must wait for the output"
+        down.clear()
+        assert uploaded.wait(10)
+        assert "".join(sent) == "".join(f"l{i}\n" for i in range(30))
+    finally:
+        streamer.stop()
+
+
+def test_acknowledged_offset_survives_a_new_taskoutput(tmp_path: Path) -> None:
+    """What a restarted worker sees: a fresh TaskOutput on the same log resumes after what the
+    pool acknowledged, and knows the executor positions of the last lines it holds."""
+    out = TaskOutput("t1", tmp_path / "output.log")
+    out(OutputLine(time.time(), "stdout", "one", pos=4))
+    out(OutputLine(time.time(), "stderr", "two", pos=1))
+    b = out.next_batch(1024)
+    assert b is not None and b.text == "one\ntwo\n"
+    out.ack(b)
+    out(OutputLine(time.time(), "stdout", "three", pos=10))
+    # no close(): the process died, here between the position record of a next line and its
+    # log line (the record names a log end the log never reached)
+    out._positions.record("stdout", 99, out.bytes_written + 13)
+    again = TaskOutput("t1", tmp_path / "output.log")
+    assert again.positions() == {"stdout": 10, "stderr": 1}
+    rest = again.next_batch(1024)
+    assert rest is not None and rest.text == "three\n"
+    again(OutputLine(time.time(), "stdout", "four", pos=15))
+    rest = again.next_batch(1024)
+    assert rest is not None and rest.text == "three\nfour\n"
+    for i in range(5):                     # the log grows past the end the stale record named
+        again(OutputLine(time.time(), "stdout", f"more {i}", pos=20 + i))
+    third = TaskOutput("t1", tmp_path / "output.log")
+    assert third.positions() == {"stdout": 24, "stderr": 1}
+    assert (tmp_path / "output.pos").stat().st_size == 512, "two slots, however long the task talks"
+    again.close()
+    third.close()
+
+
+def test_refused_output_is_given_up_after_a_few_tries(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def send(task_id: str, text: str) -> None:
+        calls.append(text)
+        raise PoolRefused("Task not found")
+
+    streamer = OutputStreamer(send, 0.05, 1024, LOG)
+    out = TaskOutput("t1", tmp_path / "o.log")
+    streamer.add(out)
+    out(line("x"))
+    done = threading.Event()
+    streamer.finish("t1", then=done.set)
+    for _ in range(10):
+        streamer.flush_all()
+    assert done.is_set() and len(calls) == 5
     out.close()
-    assert (tmp_path / "o.log").read_text().count("\n") == 3000

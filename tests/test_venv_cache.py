@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from hivemind.config import RequirementsConfig
 from hivemind.executors.base import OutputLine, PrepareCancelled
 from hivemind.executors.proc import LineSplitter, lookup_user, may_access
+from hivemind.executors.requirements import RequirementsRefused
 from hivemind.executors.venv import default_python
 from hivemind.executors.venv_cache import PrepareFailed, VenvCache
+
+from pkgindex import make_wheel, serve_index
 
 LOG = logging.getLogger("test.venv_cache")
 IS_ROOT = os.geteuid() == 0
@@ -45,9 +49,10 @@ def shared_root() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def make_cache(root: Path) -> VenvCache:
+def make_cache(root: Path, index_url: str = "") -> VenvCache:
     return VenvCache(root / "venvs", default_python(), LOG,
-                     build_user=lookup_user("nobody") if IS_ROOT else None)
+                     build_user=lookup_user("nobody") if IS_ROOT else None,
+                     requirements=RequirementsConfig(index_url=index_url))
 
 
 class Lines:
@@ -133,18 +138,25 @@ def test_key_depends_on_content_and_interpreter(root: Path) -> None:
 
 @pytest.mark.slow
 def test_real_pip_install_then_cached_without_pip(shared_root: Path) -> None:
-    """Installs `six` from PyPI once; the second prepare must run no pip at all."""
+    """Fetches a wheel from a local index once; the second prepare must use no pip and no network."""
+    wheels = shared_root / "index"
+    wheels.mkdir()
+    make_wheel(wheels, "hmsix", "1.0", {"hmsix.py": "VALUE = 6\n"})
     req = shared_root / "requirements.txt"
-    req.write_text("six\n")
-    cache, lines = make_cache(shared_root), Lines()
-    path = cache.ensure(req, lines, threading.Event(), 300)
-    assert any("six" in t for t in lines.texts if not t.startswith("[hivemind]")), lines.texts
-    assert all(x.stream == "prepare" for x in lines.items)
-    again = Lines()
-    assert make_cache(shared_root).ensure(req, again, threading.Event(), 300) == path
-    assert again.texts == []                        # no build step, no pip line
+    req.write_text("hmsix==1.0  # a comment\n")
+    with serve_index(wheels) as index:
+        cache, lines = make_cache(shared_root, index.url), Lines()
+        path = cache.ensure(req, lines, threading.Event(), 300)
+        assert any("hmsix" in t for t in lines.texts if not t.startswith("[hivemind]")), lines.texts
+        assert all(x.stream == "prepare" for x in lines.items)
+        fetched = len(index.hits)
+        assert fetched >= 2                         # the project page and the wheel
+        again = Lines()
+        assert make_cache(shared_root, index.url).ensure(req, again, threading.Event(), 300) == path
+        assert again.texts == []                    # no build step, no pip line
+        assert len(index.hits) == fetched           # and no request to the index
     assert cache.builds == 1
-    run = subprocess.run([str(path / "bin" / "python"), "-c", "import six; print(six.__file__)"],
+    run = subprocess.run([str(path / "bin" / "python"), "-c", "import hmsix; print(hmsix.__file__)"],
                          capture_output=True, text=True, check=True)
     assert run.stdout.startswith(str(path))         # relocated from the build dir
     if IS_ROOT:
@@ -162,8 +174,8 @@ def test_cancel_during_pip_install_leaves_nothing(root: Path) -> None:
     srv.listen(8)
     port = srv.getsockname()[1]
     req = root / "requirements.txt"
-    req.write_text(f"--index-url http://127.0.0.1:{port}/simple\nhivemind-no-such-package\n")
-    cache, lines, cancel = make_cache(root), Lines(), threading.Event()
+    req.write_text("hivemind-no-such-package\n")
+    cache, lines, cancel = make_cache(root, f"http://127.0.0.1:{port}/simple"), Lines(), threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -176,7 +188,7 @@ def test_cancel_during_pip_install_leaves_nothing(root: Path) -> None:
     t.start()
     try:
         srv.settimeout(60)
-        conn, _ = srv.accept()                      # pip is now inside `pip install`
+        conn, _ = srv.accept()                      # pip is now inside `pip download`
         assert processes_under(root / "venvs")
         cancel.set()
         t.join(30)
@@ -233,10 +245,23 @@ def test_crashed_build_is_cleaned_up(root: Path) -> None:
 
 
 def test_pip_failure_raises_prepare_failed(root: Path) -> None:
+    empty = root / "index"
+    empty.mkdir()
     req = root / "requirements.txt"
-    req.write_text("--no-index\nhivemind-no-such-package\n")
-    cache, lines = make_cache(root), Lines()
-    with pytest.raises(PrepareFailed, match="pip install failed"):
-        cache.ensure(req, lines, threading.Event(), 120)
+    req.write_text("hivemind-no-such-package\n")
+    with serve_index(empty) as index:
+        cache, lines = make_cache(root, index.url), Lines()
+        with pytest.raises(PrepareFailed, match="pip download failed"):
+            cache.ensure(req, lines, threading.Event(), 120)
     assert cache.lookup(req) is None
     assert not list((root / "venvs").glob(".build-*"))
+
+
+def test_requirement_options_are_refused_before_anything_runs(root: Path) -> None:
+    req = root / "requirements.txt"
+    req.write_text("six\n--index-url http://127.0.0.1:1/simple\n")
+    cache, lines = make_cache(root), Lines()
+    with pytest.raises(RequirementsRefused, match="line 2: .*option '--index-url'"):
+        cache.ensure(req, lines, threading.Event(), 120)
+    assert lines.texts == []                        # not even a venv was created
+    assert not (root / "venvs").exists() or not list((root / "venvs").iterdir())

@@ -68,6 +68,25 @@ def _is_test_task(p: psutil.Process) -> bool:
         return False
 
 
+def host_pid(task_id: str, ns_pid: int) -> int:
+    """The host pid of a task process that printed `ns_pid` from inside its PID namespace."""
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get(MARKER_ENV) != task_id:
+                continue
+            nspid = Path(f"/proc/{p.pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()
+        except (psutil.Error, OSError, IndexError):
+            continue
+        if int(nspid[-1]) == ns_pid:
+            return p.pid
+    raise AssertionError(f"no process of {task_id} has pid {ns_pid} in its namespace")
+
+
+def marked(task_id: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["pid"]) if _is_test_task(p)
+            and p.environ().get(MARKER_ENV) == task_id]
+
+
 def make_executor(base: Path, cache_dir: Path, **kw: float) -> VenvExecutor:
     cfg = VenvConfig(cache_dir=str(cache_dir))
     return VenvExecutor(cfg, base / "state", LOG, "node-1", **kw)  # type: ignore[arg-type]
@@ -125,7 +144,8 @@ def test_is_an_executor_and_probe_reports(base: Path, cache_dir: Path) -> None:
     assert st.usable, st.reason
     assert st.enforcement is not None
     assert st.enforcement.isolation == "process"
-    assert not st.enforcement.cpu and not st.enforcement.readonly_root
+    assert not st.enforcement.cpu
+    assert st.enforcement.readonly_root == IS_ROOT      # root mount read-only in its namespace
     assert any("RLIMIT_AS" in n for n in st.enforcement.notes)
     assert st.enforcement.network_isolated == IS_ROOT
 
@@ -181,8 +201,8 @@ def test_stop_kills_background_and_escaped_children(base: Path, cache_dir: Path)
     handle = ex.start(spec, sink)
     assert sink.wait_for("started")
     pgid = handle.state["pgid"]
-    bg = int((spec.workspace / "bg.pid").read_text())
-    escaped = int((spec.workspace / "escaped.pid").read_text())
+    bg = host_pid(spec.task_id, int((spec.workspace / "bg.pid").read_text()))
+    escaped = host_pid(spec.task_id, int((spec.workspace / "escaped.pid").read_text()))
     assert psutil.pid_exists(bg) and psutil.pid_exists(escaped)
     assert os.getpgid(escaped) != pgid                    # really left the group
     usage = ex.stats(spec.task_id)
@@ -201,9 +221,9 @@ def test_stop_kills_background_and_escaped_children(base: Path, cache_dir: Path)
 def test_main_exit_kills_leftover_background_processes(base: Path, cache_dir: Path) -> None:
     spec = spec_for(base, "sleep 1000 & echo $! > bg.pid\nexit 0\n")
     _, result = run_task(make_executor(base, cache_dir), spec)
-    bg = int((spec.workspace / "bg.pid").read_text())
+    assert (spec.workspace / "bg.pid").read_text().strip()
     assert result.reason == ExitReason.EXITED  # type: ignore[attr-defined]
-    assert not psutil.pid_exists(bg) or psutil.Process(bg).status() == psutil.STATUS_ZOMBIE
+    assert marked(spec.task_id) == []
 
 
 def test_timeout(base: Path, cache_dir: Path) -> None:
@@ -243,7 +263,8 @@ def test_runs_unprivileged_and_without_network(base: Path, cache_dir: Path) -> N
     sink, result = run_task(make_executor(base, cache_dir), spec)
     out = [t.strip() for t in sink.texts("stdout")]
     assert result.exit_code == 0  # type: ignore[attr-defined]
-    assert out[:4] == ["65534", "wrote", "no-etc", "no-root"]
+    assert int(out[0]) >= VenvConfig().uid_range_start          # a uid of its own, not nobody
+    assert out[1:4] == ["wrote", "no-etc", "no-root"]
     assert out[4:6] == ["lo", "1024"]                   # only loopback in the namespace
     assert out[6].split() == ["NoNewPrivs:", "1"]
     assert not Path("/etc/hm-test").exists()
@@ -299,6 +320,29 @@ def test_recover_after_daemon_restart(base: Path, cache_dir: Path) -> None:
     ex.cleanup(spec.task_id)
     with pytest.raises(TaskNotFound):
         make_executor(base, cache_dir).recover(handle, Sink())
+
+
+def test_recover_resumes_exactly_after_the_sinks_last_line(base: Path, cache_dir: Path) -> None:
+    """The worker's own log is the record (`resume`): its offset files are saved about once a
+    second and would repeat lines; each line's pos is the byte offset just past it."""
+    spec = spec_for(base, "echo one\necho two\nwhile [ ! -e go ]; do sleep 0.01; done\necho three\n")
+    ex = make_executor(base, cache_dir)
+    ex.prepare(spec, lambda line: None, threading.Event())
+    sink = Sink()
+    handle = ex.start(spec, sink)
+    assert sink.wait_for("two")
+    assert [(ln.text, ln.pos) for ln in sink.lines] == [("one", 4), ("two", 8)]
+    for tailer in ex._get(spec.task_id).tailers:   # daemon A stops reading (it died)
+        tailer.finish()
+    ex2 = make_executor(base, cache_dir)
+    sink2 = Sink()
+    ex2.recover(handle, sink2, resume={"stdout": sink.lines[-1].pos})
+    (spec.workspace / "go").touch()
+    result = ex2.wait(spec.task_id, WAIT)
+    assert result is not None and result.exit_code == 0
+    assert sink2.texts("stdout") == ["three"] and sink2.lines[0].pos == 14
+    ex2.cleanup(spec.task_id)
+    ex.cleanup(spec.task_id)
 
 
 def test_recover_then_stop(base: Path, cache_dir: Path) -> None:

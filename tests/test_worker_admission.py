@@ -102,9 +102,14 @@ def worker(tmp_path: Path):
                logger=logging.getLogger("test"), upload_result=lambda tid, p: delivered.append(tid))
     w.start()
     yield w, ex, delivered
-    for ev in ex.release.values():
-        ev.set()
-    w.wait_idle(10)
+    # Release every task, also one that started after the first pass (its workspace holds a
+    # disk quota mount until its runner finishes).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for ev in list(ex.release.values()):
+            ev.set()
+        if w.wait_idle(0.1) and not any(r.is_alive() for r in w.runners()):
+            break
     w.close()
     store.close()
 
@@ -161,3 +166,22 @@ def test_cpu_score_maps_to_a_quota(worker) -> None:
     wait_for(lambda: "score" in ex.specs, 10, "start")
     assert ex.specs["score"].limits.cpus == pytest.approx(2.0)
     assert ex.specs["score"].limits.memory_bytes == GIB
+
+
+def test_idle_only_while_a_default_request_fits(worker) -> None:
+    """The pool sends any queued task to an Idle node: with half a core free, a default request
+    (one core) would be refused, so the node must not say Idle (issue 15, item 7)."""
+    w, ex, _ = worker
+    assert w.is_idle() is True
+    assert w.execute(req("most-cpus", cpu=1750)).accepted      # 3.5 of 4 cores
+    free = w.lifecycle.free()
+    assert free.slots == 2 and free.memory_bytes >= GIB and free.cpus == pytest.approx(0.5)
+    assert w.is_idle() is False
+    assert not w.execute(req("default")).accepted, "the probe above must match admission"
+    wait_for(lambda: "most-cpus" in ex.release, 10, "started")
+    ex.release["most-cpus"].set()
+    wait_for(lambda: w.lifecycle.free().cpus == 4, 10, "the cores back")
+    assert w.is_idle() is True
+    # Memory counts the same way: a default request needs resources.default_memory_gb.
+    assert w.execute(req("most-memory", mem=16)).accepted
+    assert w.lifecycle.free().memory_bytes < GIB and w.is_idle() is False

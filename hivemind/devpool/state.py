@@ -106,6 +106,8 @@ class Task:
     gpu_memory_usage: float = 0.0
     execute_calls: int = 0
     stop_calls: int = 0
+    result_uploads: int = 0         # results stored (a resend after a worker crash counts again)
+    output_chunks: int = 0          # TaskOutputUpload calls accepted
     completed_success: bool | None = None   # 2025-10's TaskCompleted{success}
     usage_reports: int = 0
 
@@ -298,6 +300,7 @@ class PoolState:
             if task is None:
                 return False
             task.output = (task.output + text)[-OUTPUT_TAIL_CHARS:]
+            task.output_chunks += 1
             return True
 
     def set_usage(self, task_id: str, cpu: float, mem: float, gpu: float, gpu_mem: float) -> bool:
@@ -320,6 +323,7 @@ class PoolState:
             old = task.result_path
             task.result_path, task.result_size = spooled, size
             task.status, task.message = COMPLETED, ""
+            task.result_uploads += 1
         if old is not None and old != spooled:
             old.unlink(missing_ok=True)
         return True

@@ -10,6 +10,7 @@ sliding window, so a fast writer between two polls can lose lines, never duplica
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -141,8 +142,15 @@ def _save_result(session: UserClient, task_id: str, out_path: Path) -> Path:
     if not ok:
         raise SubmitError(f"task {task_id} completed but its result can't be fetched: {message}")
     tmp = out_path.with_name(out_path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(out_path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(out_path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        # The default lands next to the input, which may be read-only (a Nix store path).
+        raise SubmitError(f"task {task_id} completed but its result can't be saved to {out_path}: "
+                          f"{exc.strerror or exc}; pass --out PATH in a writable directory") from None
     return out_path
 
 

@@ -11,7 +11,9 @@ Calling rules, for every executor:
 - `cleanup` is idempotent and removes everything the executor created for the task (container,
   process group, locks), never the workspace (the runner packs the result from it first).
 - `recover` reattaches to a task started by an earlier daemon from its handle; raises TaskNotFound
-  when nothing is left of it.
+  when nothing is left of it. `resume` maps each stream to the `pos` of the last line the sink
+  already holds: the executor delivers exactly the lines after it (none twice, none skipped),
+  also for a task that exited while no daemon watched. None: from the executor's own record.
 - `orphans` lists task ids of things this executor labelled and that still exist.
 """
 
@@ -29,6 +31,7 @@ class ExitReason(enum.StrEnum):
     EXITED = "exited"                  # the task ended by itself; see exit_code
     STOPPED = "stopped"                # ended by StopTaskExecution or an operator
     OUT_OF_MEMORY = "out_of_memory"
+    DISK_QUOTA = "disk_quota"          # wrote past its disk quota (workspace and temporary space)
     TIMED_OUT = "timed_out"
     FAILED_TO_START = "failed_to_start"
     LOST = "lost"                      # the daemon restarted and nothing of the task was left
@@ -45,6 +48,7 @@ class Limits:
     tmpfs_bytes: int = 256 * 1024 * 1024
     network: bool = False              # outbound network during the run
     gpu_devices: tuple[str, ...] = ()  # CDI names, e.g. "nvidia.com/gpu=0"
+    output_bytes: int = 0              # cap of the task's output log, container log too (0: none)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class OutputLine:
     ts: float                          # time.time() when the line was read
     stream: str                        # "stdout" | "stderr" | "prepare"
     text: str                          # without the trailing newline
+    # Where this line ends in the executor's own source, per stream (a byte offset, a line
+    # count); -1 when it has none. A restarted worker hands the last recorded one to `recover`.
+    pos: int = -1
 
 
 OutputSink = Callable[[OutputLine], None]
@@ -139,7 +146,8 @@ class Executor(Protocol):
 
     def start(self, spec: TaskSpec, sink: OutputSink) -> TaskHandle: ...
 
-    def recover(self, handle: TaskHandle, sink: OutputSink) -> None: ...
+    def recover(self, handle: TaskHandle, sink: OutputSink,
+                resume: Mapping[str, int] | None = None) -> None: ...
 
     def wait(self, task_id: str, timeout: float | None = None) -> ExitResult | None: ...
 

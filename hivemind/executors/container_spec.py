@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from hivemind.config import PodmanConfig
@@ -24,6 +23,7 @@ LABEL_MANAGED = "hivemind.managed"
 LABEL_NODE = "hivemind.node_id"
 LABEL_TASK = "hivemind.task_id"
 LABEL_ROLE = "hivemind.role"          # "task" or "prepare"
+ROOTFUL_USERNS = "auto"
 
 
 def container_name(node_id: str, task_id: str, role: str = "task") -> str:
@@ -49,6 +49,11 @@ class Mount:
     read_only: bool = False
     size_bytes: int | None = None      # tmpfs only
     mode: str | None = None            # tmpfs only, octal string
+    chown: bool = False                # bind only: Podman chowns the source to the container's
+                                       # user as mapped on the host (the `U` option)
+
+
+DEFAULT_LOG_BYTES = 16 * 1024 * 1024   # the container log's cap when the task has no output cap
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,14 @@ class ContainerSpec:
     nofile: int
     nproc: int
     devices: tuple[str, ...] = ()
-    userns_mode: str | None = None     # rootless: keep-id:uid=..,gid=.. so the workspace stays ours
+    # rootless: keep-id:uid=..,gid=.. so the workspace stays the service user's; rootful: auto,
+    # a slice of the `containers` subordinate range per container, so the task's uid is no
+    # host account's (uid 1000 is a person on most machines).
+    userns_mode: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # conmon truncates its k8s-file log when it reaches this, so the log takes at most this much
+    # disk (the worker keeps its own capped copy, output.log, from attach).
+    log_size_bytes: int = DEFAULT_LOG_BYTES
 
     def create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for podman-py `containers.create` (5.x)."""
@@ -89,6 +100,8 @@ class ContainerSpec:
             else:
                 d = {"type": "bind", "target": m.target, "source": m.source,
                      "read_only": m.read_only}
+                if m.chown:
+                    d["chown"] = True    # podman-py turns it into the `U` option
             mounts.append(d)
         kw: dict[str, Any] = {
             "name": self.name,
@@ -107,7 +120,7 @@ class ContainerSpec:
                         {"Name": "nproc", "Soft": self.nproc, "Hard": self.nproc}],
             # k8s-file, not the default journald: journald may not run here, and logs --follow
             # must work for recovery after a daemon restart.
-            "log_config": {"Type": "k8s-file"},
+            "log_config": {"Type": "k8s-file", "Config": {"size": self.log_size_bytes}},
             # catatonit as PID 1: forwards SIGTERM (a bare PID 1 ignores it, so every stop would
             # wait the whole grace period) and reaps orphans.
             "init": True,
@@ -128,6 +141,10 @@ class ContainerSpec:
             # podman-py passes a plain string through whole, which the service rejects.
             mode, _, value = self.userns_mode.partition(":")
             kw["userns_mode"] = {"nsmode": mode, "value": value} if value else {"nsmode": mode}
+            if mode == "auto":
+                # The service does not derive the mapping from the mode (the CLI does): without
+                # AutoUserNs the container silently keeps the host's uids.
+                kw["idmappings"] = {"AutoUserNs": True}
         kw.update(self.extra)
         return kw
 
@@ -144,7 +161,7 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
     uid, gid = parse_user(cfg.user)
     lim = spec.limits
     env = _common_env(spec.env)
-    mounts = [Mount("bind", WORKSPACE, str(spec.workspace)),
+    mounts = [Mount("bind", WORKSPACE, str(spec.workspace), chown=not rootless),
               Mount("tmpfs", TMP, size_bytes=min(lim.tmpfs_bytes, cfg.tmpfs_mb * 1024 * 1024),
                     mode="1777")]
     if pydeps_dir is not None:
@@ -177,40 +194,36 @@ def build_container_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *,
         nofile=cfg.nofile,
         nproc=cfg.nproc,
         devices=tuple(lim.gpu_devices),
-        userns_mode=f"keep-id:uid={uid},gid={gid}" if rootless else None,
+        userns_mode=f"keep-id:uid={uid},gid={gid}" if rootless else ROOTFUL_USERNS,
+        log_size_bytes=lim.output_bytes if lim.output_bytes > 0 else DEFAULT_LOG_BYTES,
     )
 
 
-HOST_CA_MOUNT = "/etc/ssl/certs/hivemind-host-ca.crt"
+WHEELS_MOUNT = "/opt/hivemind/wheels"
 
 
 def build_prepare_spec(spec: TaskSpec, cfg: PodmanConfig, node_id: str, *, rootless: bool,
-                       build_dir: str, ca_bundle: str | None = None) -> ContainerSpec:
-    """The pip container: network on (rootless: host network, since slirp4netns needs
-    /dev/net/tun which is 0600 here), installs requirements.txt into `build_dir` mounted rw.
-    `ca_bundle`: the host's CA file, so pip trusts what the host trusts (TLS-inspecting proxies)."""
-    if spec.requirements is None:
-        raise ValueError("task has no requirements.txt")
+                       build_dir: str, wheels_dir: str) -> ContainerSpec:
+    """The offline install container: no network, nothing of the workspace; pip installs the
+    wheels the worker fetched (`wheels_dir`, read-only, with the validated requirements.txt)
+    into `build_dir`, mounted rw."""
     uid, gid = parse_user(cfg.user)
-    req_in_ws = PurePosixPath(WORKSPACE) / spec.requirements.relative_to(spec.workspace).as_posix()
-    command = ("python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-               "--no-warn-script-location", "--progress-bar", "off", "--target", PYCACHE_MOUNT,
-               "-r", str(req_in_ws))
+    req = f"{WHEELS_MOUNT}/requirements.txt"
+    command = ("python3", "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
+               "--progress-bar", "off", "--isolated", "--no-index", "--only-binary=:all:",
+               "--no-cache-dir", "--no-warn-script-location", "--find-links", WHEELS_MOUNT,
+               "--target", PYCACHE_MOUNT, "-r", req)
     base = build_container_spec(spec, cfg, node_id, rootless=rootless)
     labels = dict(base.labels)
     labels[LABEL_ROLE] = "prepare"
-    mounts = [Mount("bind", WORKSPACE, str(spec.workspace), read_only=True),
-              Mount("tmpfs", TMP, size_bytes=1024 * 1024 * 1024, mode="1777"),
-              Mount("bind", PYCACHE_MOUNT, build_dir)]
-    env = _common_env({})
-    if ca_bundle:
-        mounts.append(Mount("bind", HOST_CA_MOUNT, ca_bundle, read_only=True))
-        env["PIP_CERT"] = HOST_CA_MOUNT
+    mounts = [Mount("tmpfs", TMP, size_bytes=1024 * 1024 * 1024, mode="1777"),
+              Mount("bind", PYCACHE_MOUNT, build_dir, chown=not rootless),
+              Mount("bind", WHEELS_MOUNT, wheels_dir, read_only=True)]
     return ContainerSpec(
         name=container_name(node_id, spec.task_id, "prepare"),
         image=cfg.image, command=command, user=f"{uid}:{gid}", workdir=TMP,
-        env=env, labels=labels, mounts=tuple(mounts),
-        network_mode="host" if rootless else "bridge",
+        env=_common_env({}), labels=labels, mounts=tuple(mounts),
+        network_mode="none",
         read_only=True, cap_drop=("ALL",), no_new_privileges=True,
         pids_limit=base.pids_limit, memory_bytes=None, memswap_bytes=None,
         cpu_quota_us=None, cpu_period_us=None, nofile=cfg.nofile, nproc=cfg.nproc,

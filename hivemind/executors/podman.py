@@ -22,14 +22,15 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hivemind.config import PodmanConfig
+from hivemind.config import PodmanConfig, RequirementsConfig
 from hivemind.errors import ExecutorUnavailable, HivemindError, TaskNotFound
 from hivemind.executors.base import (
     Enforcement,
@@ -63,6 +64,17 @@ from hivemind.executors.podman_adapter import (
     PodmanError,
 )
 from hivemind.executors.podman_service import PodmanService
+from hivemind.executors.proc import MAX_LINE_BYTES, LineSplitter, TaskUser, lookup_user, may_access
+from hivemind.executors.requirements import Requirements, parse_requirements
+from hivemind.executors.venv_cache import PrepareFailed as _PrepareFailed
+from hivemind.executors.venv_cache import fetch_wheels
+from hivemind.executors.wheel_fetch import (
+    TAGS_PROBE,
+    TargetTags,
+    download_argv,
+    fetch_env,
+    parse_tags,
+)
 
 HANDLE_VERSION = 1
 # What catatonit (the container's PID 1) prints when the entry point cannot be executed.
@@ -71,8 +83,8 @@ CGROUP_V1_ROOTS = ("/sys/fs/cgroup/memory/libpod_parent/libpod-{id}",
                    "/sys/fs/cgroup/memory/machine.slice/libpod-{id}.scope")
 
 
-class PrepareFailed(HivemindError):
-    """Installing requirements.txt failed; the message says how (pip's output went to the sink)."""
+# One class for both executors: installing requirements.txt failed (pip's output went to the sink).
+PrepareFailed = _PrepareFailed
 
 
 @dataclass
@@ -96,18 +108,20 @@ class _Run:
 
 def _lines(frames: Iterator[LogFrame], now: Callable[[], float]) -> Iterator[OutputLine]:
     """Log frames as whole lines per stream, stamped when read (podman's own log timestamps
-    have one-second resolution)."""
-    partial: dict[str, str] = {}
+    have one-second resolution). A line longer than MAX_LINE_BYTES is cut into pieces, as on
+    the venv path; each frame's bytes are looked at once (a line without a newline used to be
+    re-joined and re-split on every frame: 48 MB of a 256 MiB line in 120 s)."""
+    splitters: dict[str, LineSplitter] = {}
     for frame in frames:
-        buf = partial.pop(frame.stream, "") + frame.data.decode("utf-8", errors="replace")
-        *complete, rest = buf.split("\n")
+        splitter = splitters.get(frame.stream)
+        if splitter is None:
+            splitter = splitters[frame.stream] = LineSplitter(MAX_LINE_BYTES)
         ts = now()
-        for line in complete:
+        for line in splitter.feed(frame.data):
             yield OutputLine(ts, frame.stream, line)
-        if rest:
-            partial[frame.stream] = rest
-    for stream, rest in partial.items():
-        yield OutputLine(now(), stream, rest)
+    for stream, splitter in splitters.items():
+        for line in splitter.flush():
+            yield OutputLine(now(), stream, line)
 
 
 class PodmanExecutor:
@@ -117,7 +131,7 @@ class PodmanExecutor:
                  prepare_timeout_s: float, *, service: PodmanService | None = None,
                  clock: Callable[[], float] = time.time, wait_interval: str = "10ms",
                  host_ca_bundle: Path | None = Path("/etc/ssl/certs/ca-certificates.crt"),
-                 kmsg: str = "/dev/kmsg") -> None:
+                 kmsg: str = "/dev/kmsg", requirements: RequirementsConfig | None = None) -> None:
         self._cfg = cfg
         self._node = node_id
         self._state_dir = Path(state_dir)
@@ -125,7 +139,7 @@ class PodmanExecutor:
         self._prepare_timeout = prepare_timeout_s
         # An injected service belongs to the caller; only one made here is stopped by close().
         self._owns_service = service is None
-        self._service = service or PodmanService(cfg, logger)
+        self._service = service or PodmanService(cfg, logger, state_dir=self._state_dir)
         self._clock = clock
         self._interval = wait_interval
         self._ca_bundle = host_ca_bundle
@@ -135,12 +149,33 @@ class PodmanExecutor:
         self._adapter: PodmanAdapter | None = None
         self._enforcement: Enforcement | None = None
         self._uid, self._gid = parse_user(cfg.user)
+        self._req_cfg = requirements or RequirementsConfig()
+        self._tags: dict[str, TargetTags] = {}     # image id -> the tags its python accepts
 
     # -- plumbing -------------------------------------------------------------------------------
 
     @property
     def rootless(self) -> bool:
         return self._service.rootless
+
+    def mount_namespace_pids(self) -> list[int]:
+        """Processes whose mount namespace a workspace mount made on the host must also reach:
+        rootless Podman's pause process. Its namespace copied the host's mounts when it
+        started; where / is not a shared mount (no systemd), later host mounts don't reach it."""
+        if not self.rootless:
+            return []
+        # No ensure(): a namespace made after the host mount copies it, so only an existing
+        # pause process matters (and every ping of a loaded service risks a restart).
+        try:
+            user = self._service.service_user()
+        except HivemindError:
+            return []
+        if user is None:
+            return []
+        try:
+            return [int(Path(user.runtime_dir, "libpod", "tmp", "pause.pid").read_text().strip())]
+        except (OSError, ValueError):
+            return []
 
     def _api(self) -> PodmanAdapter:
         uri = self._service.ensure()
@@ -162,9 +197,10 @@ class PodmanExecutor:
             self._service.close()
 
     def _workspace_owner(self) -> tuple[int, int] | None:
-        """Host uid:gid the workspace must belong to so the container's user can write it."""
+        """Host uid:gid the workspace must belong to so the container's user can write it.
+        Rootful: None, Podman chowns it to the task's mapped uid (userns=auto, `U` mount)."""
         if not self.rootless:
-            return self._uid, self._gid
+            return None
         user = self._service.service_user()
         # keep-id maps the service user to cfg.user inside, so its own files are writable.
         if user is not None and os.geteuid() == 0 and user.uid != 0:
@@ -172,6 +208,9 @@ class PodmanExecutor:
         return None
 
     def _chown_tree(self, root: Path) -> None:
+        # Only the task's user (and root) may enter its workspace.
+        with contextlib.suppress(OSError):
+            os.chmod(root, 0o700)
         owner = self._workspace_owner()
         if owner is None or os.geteuid() != 0:
             return
@@ -199,7 +238,11 @@ class PodmanExecutor:
         except ExecutorUnavailable as exc:
             return ExecutorStatus(self.name, False, str(exc))
         except (PodmanError, OSError) as exc:
-            return ExecutorStatus(self.name, False, f"podman service error: {exc}")
+            hint = ""
+            if not self.rootless and ("available IDs" in str(exc) or "subuid" in str(exc)):
+                hint = ("; rootful tasks run with userns=auto: add a `containers` range to "
+                        "/etc/subuid and /etc/subgid (scripts/setup-podman does)")
+            return ExecutorStatus(self.name, False, f"podman service error: {exc}{hint}")
 
     def _measure_enforcement(self, api: PodmanAdapter) -> Enforcement:
         """Create (never start) a container with every limit, and read back what was applied."""
@@ -230,9 +273,13 @@ class PodmanExecutor:
         return self._state_dir / "podman-pycache" / h.hexdigest()[:32]
 
     def prepare(self, spec: TaskSpec, sink: OutputSink, cancel: threading.Event) -> None:
+        """requirements.txt, validated, in two steps: the worker fetches wheels only (nothing of
+        the archive or of any sdist runs, see wheel_fetch.py), then a container with no
+        network installs them offline into the cache dir the run mounts read-only."""
+        reqs = parse_requirements(spec.requirements.read_bytes()) if spec.requirements else None
         target = self.pydeps_dir(spec)
         self._chown_tree(spec.workspace)
-        if target is None:
+        if target is None or reqs is None:
             return
         if target.is_dir():
             sink(OutputLine(self._clock(), "prepare", "requirements already installed (cached)"))
@@ -243,15 +290,70 @@ class PodmanExecutor:
                 sink(OutputLine(self._clock(), "prepare", "requirements already installed (cached)"))
                 return
             tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{spec.task_id}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(mode=0o755)
+            wheels = target.parent / f".{target.name}.wheels-{os.getpid()}-{spec.task_id}"
+            for d in (tmp, wheels):
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir(mode=0o755)
             self._chown_tree(tmp)
+            deadline = time.monotonic() + self._prepare_timeout
             try:
-                self._run_pip(spec, sink, cancel, tmp)
+                self._fetch_wheels(reqs, wheels, sink, cancel, deadline)
+                self._run_pip(spec, sink, cancel, tmp, wheels)
                 os.chmod(tmp, 0o755)
                 tmp.rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(wheels, ignore_errors=True)
+
+    def _fetch_user(self) -> TaskUser | None:
+        """Who runs `pip download` when the worker is root: nobody, if it can run our pip."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            user = lookup_user("nobody")
+        except KeyError:
+            return None
+        exe = Path(os.path.realpath(sys.executable))
+        pip_dir = Path(os.path.dirname(os.path.realpath(_pip_init())))
+        ok = may_access(exe, user, os.X_OK) and may_access(pip_dir, user, os.R_OK | os.X_OK)
+        return user if ok else None
+
+    def _fetch_wheels(self, reqs: Requirements, wheels: Path, sink: OutputSink,
+                      cancel: threading.Event, deadline: float) -> None:
+        tags = self._image_tags(sink, cancel)
+        req_file = wheels / "requirements.txt"
+        req_file.write_text(reqs.normalized())
+        user = self._fetch_user()
+        if user is not None:
+            os.chown(wheels, user.uid, user.gid)
+        sink(OutputLine(self._clock(), "prepare",
+                        "[hivemind] fetching wheels for requirements.txt (no sdists: nothing is built)"))
+        argv = download_argv([sys.executable, "-m", "pip"], req_file, wheels, self._req_cfg, tags)
+        fetch_wheels(argv, sys.executable, cfg=self._req_cfg, cwd=wheels,
+                     env=fetch_env(self._req_cfg, wheels), user=user, sink=sink, cancel=cancel,
+                     deadline=deadline, clock=time.monotonic, wall=self._clock, log=self._log)
+
+    def _image_tags(self, sink: OutputSink, cancel: threading.Event) -> TargetTags:
+        """The wheel tags the image's python accepts, asked once per image (no network)."""
+        api = self._api()
+        image_id = api.image_id(self._cfg.image) or ""
+        if image_id in self._tags:
+            return self._tags[image_id]
+        probe = TaskSpec("tags", self._state_dir, Entry(("python3", "-c", TAGS_PROBE)),
+                         Limits(cpus=1.0, memory_bytes=256 * 1024 * 1024))
+        cs = build_container_spec(probe, self._cfg, self._node, rootless=self.rootless)
+        cs = _replace(cs, name=container_name(self._node, "tags", "probe"), mounts=cs.mounts[1:],
+                      labels={**cs.labels, LABEL_ROLE: "probe", LABEL_TASK: ""},
+                      pids_limit=None, memory_bytes=None, memswap_bytes=None, cpu_quota_us=None,
+                      cpu_period_us=None)
+        out: list[str] = []
+        self._run_container(cs, lambda line: out.append(line.text), cancel, "the image's wheel tags")
+        try:
+            tags = parse_tags("\n".join(out))
+        except (ValueError, KeyError, IndexError):
+            raise PrepareFailed("could not read the image's wheel tags: " + " | ".join(out[-3:])) from None
+        self._tags[image_id] = tags
+        return tags
 
     @contextlib.contextmanager
     def _build_lock(self, target: Path, cancel: threading.Event) -> Iterator[None]:
@@ -276,35 +378,39 @@ class PodmanExecutor:
             os.close(fd)
 
     def _run_pip(self, spec: TaskSpec, sink: OutputSink, cancel: threading.Event,
-                 build_dir: Path) -> None:
-        api = self._api()
-        ca = self._ca_bundle if self._ca_bundle is not None and self._ca_bundle.is_file() else None
+                 build_dir: Path, wheels: Path) -> None:
         cs = build_prepare_spec(spec, self._cfg, self._node, rootless=self.rootless,
-                                build_dir=str(build_dir), ca_bundle=str(ca) if ca else None)
+                                build_dir=str(build_dir), wheels_dir=str(wheels))
+        self._run_container(cs, sink, cancel, "pip install")
+
+    def _run_container(self, cs: ContainerSpec, sink: OutputSink, cancel: threading.Event,
+                       what: str) -> None:
+        """Run a helper container to its end (output to `sink` as "prepare"), then remove it."""
+        api = self._api()
         if self._ours(api, cs.name):
             api.remove(cs.name)
         cid = api.create(cs)
         try:
             api.start(cid)
-            pump = threading.Thread(target=self._pump, name=f"prep-logs-{spec.task_id}",
+            pump = threading.Thread(target=self._pump, name=f"prep-logs-{cs.name}",
                                     args=(api, cid, None, sink, "prepare"), daemon=True)
             pump.start()
             code: list[int] = []
             waiter = threading.Thread(target=lambda: code.append(api.wait(cid, self._interval)),
-                                      name=f"prep-wait-{spec.task_id}", daemon=True)
+                                      name=f"prep-wait-{cs.name}", daemon=True)
             waiter.start()
             deadline = time.monotonic() + self._prepare_timeout
             while waiter.is_alive():
                 if cancel.wait(0.05):
                     api.kill(cid)
                     waiter.join(10)
-                    raise PrepareCancelled(f"task {spec.task_id}: prepare cancelled")
+                    raise PrepareCancelled(f"{cs.name}: prepare cancelled")
                 if time.monotonic() > deadline:
                     api.kill(cid)
-                    raise PrepareFailed(f"requirements install took over {self._prepare_timeout:.0f}s")
+                    raise PrepareFailed(f"{what} took over {self._prepare_timeout:.0f}s")
             pump.join(5)
             if not code or code[0] != 0:
-                raise PrepareFailed(f"pip install exited with {code[0] if code else '?'}; "
+                raise PrepareFailed(f"{what} exited with {code[0] if code else '?'}; "
                                     "see the prepare output")
         finally:
             with contextlib.suppress(PodmanError):
@@ -355,7 +461,10 @@ class PodmanExecutor:
     def _handle(self, run: _Run) -> TaskHandle:
         return TaskHandle(HANDLE_VERSION, run.task_id, self.name, {
             "container_id": run.container_id, "started_at": run.started_at,
-            "timeout_s": run.timeout_s, "rootless": self.rootless})
+            "timeout_s": run.timeout_s, "rootless": self.rootless,
+            # For the task record: whose host uid the task's uid is.
+            "isolation": {"user_namespace": "keep-id (the service user)" if self.rootless
+                          else "auto (a uid no account has)"}})
 
     def _check_applied(self, task_id: str, st: ContainerState, cs: ContainerSpec) -> None:
         missing = _enforcement_of(st, cs, self.rootless).notes
@@ -363,37 +472,47 @@ class PodmanExecutor:
             self._log.warning("task %s: limits not applied: %s", task_id, "; ".join(missing))
 
     def _monitor(self, api: PodmanAdapter, run: _Run, since: float | None,
-                 frames: Iterator[LogFrame] | None = None) -> None:
+                 frames: Iterator[LogFrame] | None = None,
+                 skip: Mapping[str, int] | None = None) -> None:
         remaining = run.started_at + run.timeout_s - self._clock()
         run.timer = threading.Timer(max(0.0, remaining), self._on_timeout, (run,))
         run.timer.daemon = True
         run.timer.start()
-        threading.Thread(target=self._follow, args=(api, run, since, frames),
+        threading.Thread(target=self._follow, args=(api, run, since, frames, skip),
                          name=f"task-{run.task_id}", daemon=True).start()
         threading.Thread(target=self._sample, args=(run,), name=f"cgroup-{run.task_id}",
                          daemon=True).start()
 
     def _pump(self, api: PodmanAdapter, ref: str, since: float | None, sink: OutputSink,
               stream: str | None = None, frames: Iterator[LogFrame] | None = None,
-              run: _Run | None = None) -> None:
+              run: _Run | None = None, skip: Mapping[str, int] | None = None,
+              follow: bool = True) -> None:
+        # Each line's pos is its number in its stream, counted from the container's start: the
+        # log can only be re-read from there, so after a restart the first `skip[stream]` lines
+        # (the ones the worker's log already holds) are read again and dropped here.
+        counts: dict[str, int] = {}
         try:
             if frames is None:
-                frames = api.logs(ref, follow=True, since=since)
+                frames = api.logs(ref, follow=follow, since=since)
             first_stderr = True
             for line in _lines(frames, self._clock):
+                n = counts[line.stream] = counts.get(line.stream, 0) + 1
+                if skip is not None and n <= skip.get(stream or line.stream, 0):
+                    first_stderr = first_stderr and line.stream != "stderr"
+                    continue
                 if run is not None and line.stream == "stderr" and first_stderr:
                     first_stderr = False
                     m = EXEC_FAILED.match(line.text)
                     if m:
                         run.exec_error = f"cannot execute the entry point: {m.group(1)}"
                         continue
-                sink(OutputLine(line.ts, stream or line.stream, line.text))
+                sink(OutputLine(line.ts, stream or line.stream, line.text, n))
         except (PodmanError, TaskNotFound, OSError) as exc:
             self._log.debug("log stream of %s ended: %s", ref, exc)
 
     def _follow(self, api: PodmanAdapter, run: _Run, since: float | None,
-                frames: Iterator[LogFrame] | None) -> None:
-        self._pump(api, run.container_id, since, run.sink, frames=frames, run=run)
+                frames: Iterator[LogFrame] | None, skip: Mapping[str, int] | None = None) -> None:
+        self._pump(api, run.container_id, since, run.sink, frames=frames, run=run, skip=skip)
         try:
             api.wait(run.container_id, self._interval)
             st = api.inspect(run.container_id)
@@ -567,7 +686,8 @@ class PodmanExecutor:
         return sorted({c.labels[LABEL_TASK] for c in found
                        if c.labels.get(LABEL_TASK) and c.labels.get(LABEL_ROLE) != "probe"})
 
-    def recover(self, handle: TaskHandle, sink: OutputSink) -> None:
+    def recover(self, handle: TaskHandle, sink: OutputSink,
+                resume: Mapping[str, int] | None = None) -> None:
         if handle.executor != self.name or handle.version != HANDLE_VERSION:
             raise TaskNotFound(f"handle of task {handle.task_id} is not a podman v1 handle")
         state: dict[str, Any] = dict(handle.state)
@@ -581,8 +701,15 @@ class PodmanExecutor:
         with self._lock:
             self._runs[handle.task_id] = run
         if st.running:
-            self._monitor(api, run, since=run.started_at)
+            if resume is None:
+                self._monitor(api, run, since=run.started_at)
+            else:
+                self._monitor(api, run, since=None, skip=resume)
         else:
+            if resume is not None:
+                # What it printed while no worker watched: the log still has it (the container
+                # is removed only after its result is durable).
+                self._pump(api, cid, None, sink, run=run, skip=resume, follow=False)
             self._finish(run, self._result(run, st))
 
 
@@ -606,3 +733,9 @@ def _enforcement_of(st: ContainerState, cs: ContainerSpec, rootless: bool) -> En
     return Enforcement(isolation="container", memory=mem, cpu=cpu, pids=pids,
                        network_isolated=st.network_mode in ("none", ""),
                        readonly_root=st.read_only, notes=tuple(notes))
+
+
+def _pip_init() -> str:
+    import pip
+
+    return str(pip.__file__)

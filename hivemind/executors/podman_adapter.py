@@ -10,6 +10,7 @@ import contextlib
 import json
 import socket
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -142,9 +143,18 @@ class PodmanAdapter:
 
     def remove(self, ref: str) -> None:
         """Force-remove with its anonymous volumes; a missing container is fine."""
-        with contextlib.suppress(TaskNotFound):
-            self._call("remove", ref, "delete", f"/containers/{ref}",
-                       {"force": True, "v": True, "timeout": 0})
+        for attempt in range(20):
+            try:
+                with contextlib.suppress(TaskNotFound):
+                    self._call("remove", ref, "delete", f"/containers/{ref}",
+                               {"force": True, "v": True, "timeout": 0})
+                return
+            except PodmanError as exc:
+                # With userns=auto, conmon's cleanup of a container that just exited may still
+                # hold its shm mount: EBUSY for a moment, then the remove works.
+                if "resource busy" not in str(exc) or attempt == 19:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def inspect(self, ref: str) -> ContainerState:
         data: dict[str, Any] = self._call("inspect", ref, "get", f"/containers/{ref}/json").json()
@@ -250,10 +260,10 @@ def _frames(raw: Any) -> Iterator[LogFrame]:
         if len(header) < 8:
             return
         kind, size = struct.unpack(">BxxxL", header)
-        data = b""
+        data = bytearray()    # += on bytes would copy the frame once per chunk
         while len(data) < size:
-            chunk = raw.read(size - len(data))
+            chunk = raw.read(min(size - len(data), 1 << 20))
             if not chunk:
                 return
             data += chunk
-        yield LogFrame(names.get(kind, "stdout"), data)
+        yield LogFrame(names.get(kind, "stdout"), bytes(data))

@@ -7,10 +7,18 @@
 - rootless, worker is root: the service runs as podman.rootless_user with that user's
   XDG_RUNTIME_DIR (/run/user/UID, created if missing), so tasks never get root's storage.
 A service this module started is stopped by `close()`; one it found is left alone.
+
+Ownership survives a crash: the PID and start time of a service this module started are recorded
+in the state directory (`podman-service.json`) as soon as it answers, and removed once it is
+stopped. A restarted worker that finds the record and the same process (PID *and* start time, so
+a reused PID is never touched) adopts it when it still answers on the socket, and stops it when
+it doesn't; either way, it is the worker's to stop again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import pwd
@@ -27,6 +35,7 @@ from typing import IO
 
 from hivemind.config import PodmanConfig
 from hivemind.errors import ExecutorUnavailable
+from hivemind.executors.proc import same_process
 
 ROOTFUL_SOCKET = "/run/podman/podman.sock"
 
@@ -64,7 +73,7 @@ class PodmanService:
     def __init__(self, cfg: PodmanConfig, logger: logging.Logger, *,
                  podman_bin: str = "podman", start_timeout_s: float = 15.0,
                  euid: Callable[[], int] = os.geteuid,
-                 rootful_socket: str = ROOTFUL_SOCKET) -> None:
+                 rootful_socket: str = ROOTFUL_SOCKET, state_dir: Path | None = None) -> None:
         self._cfg = cfg
         self._log = logger
         self._bin = podman_bin
@@ -74,6 +83,8 @@ class PodmanService:
         self._proc: subprocess.Popen[bytes] | None = None
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the service
         self._uri: str | None = None
+        self._record = state_dir / "podman-service.json" if state_dir is not None else None
+        self._adopted: tuple[int, float] | None = None   # (pid, start time) of an adopted service
 
     @property
     def rootless(self) -> bool:
@@ -104,12 +115,78 @@ class PodmanService:
 
     @property
     def owned(self) -> bool:
-        return self._proc is not None
+        return self._proc is not None or self._adopted is not None
+
+    def _recorded(self) -> tuple[int, float, str] | None:
+        if self._record is None:
+            return None
+        try:
+            d = json.loads(self._record.read_text())
+            return int(d["pid"]), float(d["start_time"]), str(d["socket"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_record(self, pid: int, path: str) -> None:
+        import psutil
+
+        if self._record is None:
+            return
+        try:
+            start = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return
+        tmp = self._record.with_name(self._record.name + ".tmp")
+        self._record.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"pid": pid, "start_time": start, "socket": path}))
+        os.replace(tmp, self._record)
+
+    def _forget_record(self) -> None:
+        if self._record is not None:
+            self._record.unlink(missing_ok=True)
+
+    def _take_over(self, path: str) -> bool:
+        """A service an earlier worker (this state dir) started: adopt it when it still serves
+        `path` (True), else stop it. Only the recorded PID with the recorded start time counts."""
+        rec = self._recorded()
+        if rec is None:
+            return False
+        pid, start, sock = rec
+        if not same_process(pid, start):
+            self._forget_record()
+            return False
+        if sock == path and ping(path, timeout=1.0):
+            self._adopted = (pid, start)
+            self._log.info("adopted the podman service (pid %d) an earlier worker started", pid,
+                           extra={"socket": path})
+            return True
+        self._log.warning("stopping the podman service (pid %d) an earlier worker left behind", pid)
+        self._stop_pid(pid, start)
+        self._forget_record()
+        return False
+
+    @staticmethod
+    def _stop_pid(pid: int, start: float) -> None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if abs(p.create_time() - start) >= 0.1:
+                return
+            p.terminate()
+            try:
+                p.wait(10)
+            except psutil.TimeoutExpired:
+                p.kill()
+                p.wait(5)
 
     def ensure(self) -> str:
         """The service URI, starting the service if needed. Raises ExecutorUnavailable."""
         path = self.socket_path()
         if self._uri is not None and ping(path):
+            return self._uri
+        if not self._cfg.socket and self._adopted is None and self._proc is None \
+                and self._take_over(path):
+            self._uri = f"unix://{path}"
             return self._uri
         if ping(path):
             self._uri = f"unix://{path}"
@@ -152,6 +229,7 @@ class PodmanService:
         deadline = time.monotonic() + self._start_timeout
         while time.monotonic() < deadline:
             if ping(path, timeout=0.5):
+                self._write_record(proc.pid, path)
                 return
             if proc.poll() is not None:
                 self._err.seek(0)
@@ -174,8 +252,13 @@ class PodmanService:
                 os.chown(d, user.uid, user.gid)
 
     def close(self) -> None:
-        """Stop the service if this object started it."""
+        """Stop the service if this object started it (or adopted it from an earlier worker)."""
         proc, self._proc = self._proc, None
+        adopted, self._adopted = self._adopted, None
+        if adopted is not None:
+            self._stop_pid(*adopted)
+            self._forget_record()
+            self._uri = None
         if proc is None:
             return
         if proc.poll() is None:
@@ -185,5 +268,6 @@ class PodmanService:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._forget_record()
         self._err.close()
         self._uri = None

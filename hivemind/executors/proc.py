@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import pwd
@@ -45,16 +47,20 @@ class LineSplitter:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[str]:
+        return [text for text, _ in self.feed_sized(data)]
+
+    def feed_sized(self, data: bytes) -> list[tuple[str, int]]:
+        """Like `feed`, with the number of input bytes each line used up (its newline included)."""
         self._buf += data
-        out: list[str] = []
+        out: list[tuple[str, int]] = []
         while self._buf:
             nl = self._buf.find(b"\n", 0, self._max + 1)
             if nl != -1:
-                out.append(_decode(self._buf[:nl]))
+                out.append((_decode(self._buf[:nl]), nl + 1))
                 del self._buf[: nl + 1]
             elif len(self._buf) > self._max:
                 cut = _utf8_cut(self._buf, self._max)
-                out.append(_decode(self._buf[:cut]))
+                out.append((_decode(self._buf[:cut]), cut))
                 del self._buf[:cut]
             else:
                 break
@@ -81,12 +87,31 @@ def _utf8_cut(buf: bytearray, limit: int) -> int:
 
 
 def emit(sink: OutputSink, stream: str, lines: list[str], clock: Callable[[], float],
-         log: logging.Logger) -> None:
-    for text in lines:
+         log: logging.Logger, positions: list[int] | None = None) -> None:
+    for i, text in enumerate(lines):
         try:
-            sink(OutputLine(ts=clock(), stream=stream, text=text))
+            sink(OutputLine(ts=clock(), stream=stream, text=text,
+                            pos=positions[i] if positions is not None else -1))
         except Exception:  # a broken sink must not stop the reader: the task keeps running
             log.exception("output sink failed; line dropped")
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of [offset, offset+length) of a file, keeping its size (reads there
+    give zeros). False where the filesystem can't (the file then just keeps its blocks)."""
+    global _libc
+    if length <= 0:
+        return True
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return int(_libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                               offset, length)) == 0
 
 
 class FileTailer(threading.Thread):
@@ -96,6 +121,11 @@ class FileTailer(threading.Thread):
     dies with its reader, and the task would get SIGPIPE). Polling backs off from 1 ms to 50 ms
     while the file is idle, so a first line arrives within about a millisecond of being written.
     `finish()` drains what is left once the task's processes are gone and ends the thread.
+
+    The file is not a second copy of the output: what has been read is punched out of it (its
+    blocks freed, offsets unchanged, so a restarted daemon resumes at its offset). With
+    `max_bytes`, only that much of the stream is read at all; the rest is punched out unread,
+    as soon as it is seen, so a task printing without end holds about `max_bytes` of disk here.
     """
 
     MIN_SLEEP = 0.001
@@ -103,7 +133,8 @@ class FileTailer(threading.Thread):
 
     def __init__(self, path: Path, stream: str, sink: OutputSink, log: logging.Logger, *,
                  offset: int = 0, offset_file: Path | None = None,
-                 clock: Callable[[], float] = time.time, keep_last: int = 20) -> None:
+                 clock: Callable[[], float] = time.time, keep_last: int = 20,
+                 max_bytes: int = 0) -> None:
         super().__init__(name=f"tail-{path.name}", daemon=True)
         self._path = path
         self._stream = stream
@@ -115,6 +146,10 @@ class FileTailer(threading.Thread):
         self._saved_at = 0.0
         self._clock = clock
         self._split = LineSplitter()
+        self._max_bytes = max_bytes
+        self._punched = offset           # the file before this holds no blocks (or never will)
+        self._punched_past = 0
+        self.discarded = 0               # bytes past max_bytes, never read
         self._finishing = threading.Event()
         self.last_lines: collections.deque[str] = collections.deque(maxlen=keep_last)
 
@@ -131,21 +166,60 @@ class FileTailer(threading.Thread):
         if self.is_alive():
             self.join(timeout)
 
+    def _punch_read(self, fd: int) -> None:
+        # Only what was handed out: a partial line still in the splitter is re-read on recovery.
+        if self._offset > self._punched:
+            punch_hole(fd, self._punched, self._offset - self._punched)
+            self._punched = self._offset
+
+    def _punch_past_cap(self, fd: int, size: int) -> None:
+        start = max(self._max_bytes, self._punched_past)
+        if size > start:
+            punch_hole(fd, start, size - start)
+            self._punched_past = size
+
     def run(self) -> None:
         try:
-            with open(self._path, "rb") as f:
+            with open(self._path, "r+b") as f:
+                fd = f.fileno()
                 f.seek(self._offset)
+                read_pos = self._offset
                 sleep = self.MIN_SLEEP
                 while True:
                     finishing = self._finishing.is_set()
-                    data = f.read(65536)
+                    if self._max_bytes and read_pos >= self._max_bytes:
+                        # At the cap: hand out the cut line, then skip everything new unread.
+                        if self._split.pending:
+                            pending = self._split.pending
+                            self._deliver([(t, pending) for t in self._split.flush()])
+                        size = os.fstat(fd).st_size
+                        if size > read_pos:
+                            self.discarded += size - read_pos
+                            read_pos = self._offset = size
+                            self._punch_read(fd)
+                            sleep = self.MIN_SLEEP
+                            continue
+                        if finishing:
+                            break
+                        self._save_offset(force=False)
+                        self._finishing.wait(sleep)
+                        sleep = min(sleep * 2, self.MAX_SLEEP)
+                        continue
+                    want = 65536 if not self._max_bytes else min(65536, self._max_bytes - read_pos)
+                    data = f.read(want)
                     if data:
+                        read_pos += len(data)
                         self._take(data)
+                        self._punch_read(fd)
+                        if self._max_bytes:
+                            # Behind the writer: what lies past the cap will never be read.
+                            self._punch_past_cap(fd, os.fstat(fd).st_size)
                         sleep = self.MIN_SLEEP
                         continue
                     if finishing:  # read after the flag was seen: nothing more can come
                         pending = self._split.pending
-                        self._deliver(self._split.flush(), consumed=pending)
+                        rest = self._split.flush()
+                        self._deliver([(t, pending) for t in rest])
                         break
                     self._save_offset(force=False)
                     self._finishing.wait(sleep)
@@ -156,14 +230,18 @@ class FileTailer(threading.Thread):
             self._save_offset(force=True)
 
     def _take(self, data: bytes) -> None:
-        before = self._split.pending
-        lines = self._split.feed(data)
-        self._deliver(lines, consumed=before + len(data) - self._split.pending)
+        self._deliver(self._split.feed_sized(data))
 
-    def _deliver(self, lines: list[str], consumed: int) -> None:
+    def _deliver(self, sized: list[tuple[str, int]]) -> None:
+        # Each line carries the file offset just past it, so a restarted worker resumes exactly
+        # after the last line its log holds (OutputLine.pos).
+        lines, positions = [], []
+        for text, used in sized:
+            self._offset += used
+            lines.append(text)
+            positions.append(self._offset)
         self.last_lines.extend(lines)
-        emit(self._sink, self._stream, lines, self._clock, self._log)
-        self._offset += consumed
+        emit(self._sink, self._stream, lines, self._clock, self._log, positions)
 
     def _save_offset(self, *, force: bool) -> None:
         if self._offset_file is None or self._offset == self._saved_offset:

@@ -3,7 +3,11 @@ usable and the venv otherwise. The fallback is logged and visible in status as w
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import time
+from collections.abc import Callable
 
 from hivemind.config import Config
 from hivemind.errors import ExecutorUnavailable
@@ -14,19 +18,49 @@ def _podman(cfg: Config, logger: logging.Logger) -> Executor:
     from hivemind.executors.podman import PodmanExecutor
 
     return PodmanExecutor(cfg.executor.podman, cfg.node_id, cfg.state_dir, logger,
-                          prepare_timeout_s=cfg.executor.prepare_timeout_s)
+                          prepare_timeout_s=cfg.executor.prepare_timeout_s,
+                          requirements=cfg.executor.requirements)
 
 
 def _venv(cfg: Config, logger: logging.Logger) -> Executor:
     from hivemind.executors.venv import VenvExecutor
 
     return VenvExecutor(cfg.executor.venv, cfg.state_dir, logger, cfg.node_id,
-                        prepare_timeout_s=cfg.executor.prepare_timeout_s)
+                        prepare_timeout_s=cfg.executor.prepare_timeout_s,
+                        requirements=cfg.executor.requirements)
+
+
+def wait_for_socket(uri: str, timeout_s: float, logger: logging.Logger, *,
+                    clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> None:
+    """Wait while the configured Podman socket exists but refuses connections: its service is
+    still coming up (or restarting), so probing now would fall back to venv for the worker's
+    whole life. A missing socket (no Podman on this host) or one that accepts returns at once."""
+    if not uri.startswith("unix://"):
+        return
+    path = uri.removeprefix("unix://")
+    deadline = clock() + timeout_s
+    logged = False
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(path)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.EAGAIN) or clock() >= deadline:
+                    return
+        if not logged:
+            logged = True
+            logger.info("Podman socket %s refuses connections; waiting up to %g s for its service",
+                        path, timeout_s, extra={"event": "executor.podman_wait"})
+        sleep(0.2)
 
 
 def select_executor(cfg: Config, logger: logging.Logger) -> tuple[Executor, ExecutorStatus]:
     kind = cfg.executor.kind
     if kind in ("auto", "podman"):
+        if cfg.executor.podman.socket:
+            wait_for_socket(cfg.executor.podman.socket, cfg.executor.podman.socket_wait_s, logger)
         podman = _podman(cfg, logger)
         status = podman.probe()
         if status.usable:

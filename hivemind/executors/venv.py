@@ -10,8 +10,14 @@ Lifecycle of one task (the calling rules are in base.py):
 
 How a task is started (no Python code runs between fork and exec, see proc.py):
 
-    [unshare --net] [setpriv --reuid --regid --clear-groups --no-new-privs] prlimit ... --
+    [unshare --pid --fork --mount-proc [--net] -- sh -c SANDBOX_INIT ...]   (namespaces.py)
+        [setpriv --reuid=TASK_UID --regid=TASK_UID --clear-groups --no-new-privs] prlimit ... --
         sh -c 'exec 3<&0 </dev/null; "$@" 3>&-; echo $? >&3' hivemind-task ENTRY...
+
+One task, one identity, one world (when the worker is root): each running task gets a uid of
+its own from `executor.venv.uid_range_*` (task_identity.py), a workspace 0700 owned by it, and
+its own PID and mount namespaces with private /tmp, /var/tmp and /dev/shm. Whatever the host
+can't give is listed in status and in the task's record (`isolation` in the handle state).
 
 - Its own session and process group (start_new_session); cwd = workspace; an environment built
   from nothing (PATH to the venv, HOME = workspace, LANG, PYTHONUNBUFFERED, the task's env, and
@@ -33,10 +39,10 @@ Out of memory is best effort: a nonzero exit whose last stderr lines show Memory
 "Cannot allocate memory", std::bad_alloc or "out of memory", or a SIGKILL we didn't send (the
 kernel OOM killer), is reported as OUT_OF_MEMORY.
 
-Escaped processes: a task that calls setsid leaves the group. At stop and cleanup the executor
-also kills processes of the task user that still carry HIVEMIND_TASK_ID=<id> in their
-environment (root can read it). A task that also clears its environment escapes; the task user
-is shared by all venv tasks, so killing by uid is not done.
+Escaped processes: a task that calls setsid leaves the group, not its PID namespace: when the
+task's first process exits, the kernel kills the rest. Without namespaces (not root) the
+executor also kills processes that still carry HIVEMIND_TASK_ID=<id> in their environment; a
+task that clears its environment then escapes, which status says.
 """
 
 from __future__ import annotations
@@ -53,12 +59,12 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hivemind.config import VenvConfig
+from hivemind.config import RequirementsConfig, VenvConfig
 from hivemind.errors import TaskNotFound
 from hivemind.executors.base import (
     Enforcement,
@@ -69,6 +75,12 @@ from hivemind.executors.base import (
     TaskHandle,
     TaskSpec,
     Usage,
+)
+from hivemind.executors.namespaces import (
+    NamespaceSupport,
+    probe_namespaces,
+    sandbox_init_argv,
+    unshare_argv,
 )
 from hivemind.executors.proc import (
     FileTailer,
@@ -87,6 +99,7 @@ from hivemind.executors.proc import (
     wait_gone,
     write_atomic,
 )
+from hivemind.executors.task_identity import NoFreeUid, UidPool, range_conflicts
 from hivemind.executors.venv_cache import VenvCache
 
 HANDLE_VERSION = 1
@@ -106,11 +119,14 @@ class _Task:
     started_at: float
     deadline: float
     uid: int | None
+    own_uid: bool = False                           # uid came from the pool: release it at cleanup
+    isolation: dict[str, Any] = field(default_factory=dict)
     pid: int = 0
     create_time: float = 0.0
     proc: subprocess.Popen[bytes] | None = None    # None after recover: not our child
     pidfd: int = -1
     tailers: list[FileTailer] = field(default_factory=list)
+    output_bytes: int = 0              # per-stream cap of what the tailers read (0: none)
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
     result: ExitResult | None = None
@@ -129,7 +145,8 @@ class VenvExecutor:
 
     def __init__(self, cfg: VenvConfig, state_dir: Path, logger: logging.Logger, node_id: str, *,
                  prepare_timeout_s: float = 600.0, stop_grace_s: float = 10.0,
-                 is_root: bool | None = None, clock: Callable[[], float] = time.time) -> None:
+                 is_root: bool | None = None, clock: Callable[[], float] = time.time,
+                 requirements: RequirementsConfig | None = None) -> None:
         self._cfg = cfg
         self._log = logger
         self._node_id = node_id
@@ -147,7 +164,18 @@ class VenvExecutor:
             except KeyError:
                 self._user_error = f"executor.venv.task_user {cfg.task_user!r} does not exist"
         self.cache = VenvCache(Path(cfg.cache_dir) if cfg.cache_dir else state_dir / "venvs",
-                               self._python, logger, build_user=self._user)
+                               self._python, logger, build_user=self._user,
+                               requirements=requirements)
+        self._uids: UidPool | None = None
+        self._uid_error = ""
+        if self._root and cfg.uid_range_size > 0:
+            conflicts = range_conflicts(cfg.uid_range_start, cfg.uid_range_size)
+            if conflicts:
+                self._uid_error = (f"executor.venv.uid_range_start..+uid_range_size overlaps "
+                                   f"{', '.join(conflicts[:3])}; move the range")
+            else:
+                self._uids = UidPool(cfg.uid_range_start, cfg.uid_range_size)
+        self._ns: NamespaceSupport | None = None
         self._netns: bool | None = None
         self._tasks: dict[str, _Task] = {}
         self._lock = threading.Lock()
@@ -176,24 +204,58 @@ class VenvExecutor:
             existing = next((p for p in [cache, *cache.parents] if p.exists()), Path("/"))
             if not may_access(existing, self._user, os.X_OK):
                 problems.append(f"task user {self._user.name} can't reach {cache}; make its parents o+x")
+        if self._uid_error:
+            problems.append(self._uid_error)
         if problems:
             return ExecutorStatus(self.name, False, "; ".join(problems))
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             self.cache.interpreter_id()
         notes = ["weaker isolation: venv fallback (processes on the host, no container)",
                  "memory: RLIMIT_AS per process (virtual memory), no cgroup limit",
-                 "pids: RLIMIT_NPROC counts every process of the task user",
-                 "cpu: no quota (RLIMIT_CPU only as a timeout backstop)",
-                 "readonly root: no, the task sees the host filesystem as its user"]
+                 "pids: RLIMIT_NPROC counts every process of the task's uid",
+                 "cpu: no quota (RLIMIT_CPU only as a timeout backstop)"]
         if self._user is None:
             notes.append("worker is not root: tasks run as the worker's own user and can read its files")
+        elif self._uids is None:
+            notes.append(f"identity: every task runs as {self._user.name} (executor.venv.uid_range_size 0): "
+                         "tasks can reach each other")
+        else:
+            notes.append(f"identity: a uid of its own per task ({self._uids.first}.."
+                         f"{self._uids.first + self._uids.count - 1})")
+        ns = self._namespaces()
+        notes.append("filesystem: the host's, read-only but for the workspace (readable as the task's uid)"
+                     if ns.pid_mount else "readonly root: no, the task sees the host filesystem as its user")
+        notes.append("processes: own PID namespace; private /tmp, /var/tmp, /dev/shm, /run/lock" if ns.pid_mount
+                     else f"processes: no PID/mount namespace ({ns.why_not}): a task sees every "
+                          "host process, shares /tmp, and a process that clears its environment "
+                          "and calls setsid can outlive it")
         net = self._netns_works()
         notes.append("network: empty network namespace (unshare --net)" if net
                      else "network: not isolated (unshare --net needs root)")
         enforcement = Enforcement(isolation="process", memory=True, cpu=False, pids=True,
-                                  network_isolated=net, readonly_root=False, notes=tuple(notes))
+                                  network_isolated=net, readonly_root=ns.pid_mount,
+                                  notes=tuple(notes))
         who = self._user.name if self._user else "the worker's user"
         return ExecutorStatus(self.name, True, f"venv tasks as {who} with {self._python}", enforcement)
+
+    def _namespaces(self) -> NamespaceSupport:
+        if self._ns is None:
+            self._ns = probe_namespaces(self._root)
+        return self._ns
+
+    def isolation_facts(self, uid: int | None, own_uid: bool) -> dict[str, Any]:
+        """What this task really gets; goes into its handle state and its record."""
+        ns = self._namespaces()
+        facts: dict[str, Any] = {
+            "uid": uid, "uid_per_task": own_uid, "pid_namespace": ns.pid_mount,
+            "private_tmp": ns.pid_mount, "readonly_root": ns.pid_mount,
+            "network_namespace": self._netns_works()}
+        missing = [k for k in ("uid_per_task", "pid_namespace", "private_tmp") if not facts[k]]
+        if missing:
+            facts["not_applied"] = missing
+            facts["why"] = "the worker is not root" if not self._root else (
+                ns.why_not or "executor.venv.uid_range_size is 0")
+        return facts
 
     def _netns_works(self) -> bool:
         if self._netns is None:
@@ -221,11 +283,20 @@ class VenvExecutor:
         timeout = min(spec.limits.timeout_s, spec.entry.timeout_s or math.inf)
         task = _Task(task_id=spec.task_id, log_dir=self._tasks_dir / spec.task_id,
                      workspace=spec.workspace, started_at=now, deadline=now + timeout,
-                     uid=self._user.uid if self._user else None)
+                     uid=self._user.uid if self._user else None,
+                     output_bytes=spec.limits.output_bytes)
         with self._lock:
             self._tasks[spec.task_id] = task
         try:
-            argv, env = self._command(spec, timeout)
+            user = self._user
+            if self._uids is not None:
+                try:
+                    user = self._uids.allocate(spec.task_id)
+                except NoFreeUid as exc:
+                    raise _StartError(str(exc)) from None
+                task.uid, task.own_uid = user.uid, True
+            task.isolation = self.isolation_facts(task.uid, task.own_uid)
+            argv, env = self._command(spec, timeout, user)
             self._spawn(task, spec, argv, env)
         except _StartError as exc:
             self._finish_failed(task, str(exc))
@@ -233,13 +304,14 @@ class VenvExecutor:
         self._start_threads(task, sink, offsets=(0, 0))
         return self._handle(task)
 
-    def _command(self, spec: TaskSpec, timeout: float) -> tuple[list[str], dict[str, str]]:
+    def _command(self, spec: TaskSpec, timeout: float, user: TaskUser | None
+                 ) -> tuple[list[str], dict[str, str]]:
         venv = self.cache.lookup(spec.requirements)
         if venv is None:
             raise _StartError("no venv for this task's requirements: prepare() did not run or failed")
         if not spec.entry.argv:
             raise _StartError("empty entry command")
-        path = f"{venv}/bin:/usr/bin:/bin"
+        path = f"{venv}/bin:{self._cfg.task_path}"
         env = {k: v for k, v in spec.env.items() if "\0" not in k + v and "=" not in k and k}
         env.update(PATH=path, HOME=str(spec.workspace), LANG="C.UTF-8", PYTHONUNBUFFERED="1",
                    VIRTUAL_ENV=str(venv), **{MARKER_ENV: spec.task_id})
@@ -247,9 +319,9 @@ class VenvExecutor:
         exe = entry[0]
         found = (spec.workspace / exe) if "/" in exe else shutil.which(exe, path=path)
         if found is None or not os.path.exists(found):
-            raise _StartError(f"entry command {exe!r} not found in the venv or /usr/bin:/bin")
-        if self._user is not None and not may_access(spec.workspace, self._user, os.X_OK):
-            raise _StartError(f"task user {self._user.name} can't reach the workspace; "
+            raise _StartError(f"entry command {exe!r} not found in the venv or {self._cfg.task_path}")
+        if user is not None and not may_access(spec.workspace.parent, user, os.X_OK):
+            raise _StartError(f"task user {user.name} can't reach the workspace; "
                               "make the state dir's parents o+x")
         limits = RLimits(
             address_space=spec.limits.memory_bytes,
@@ -258,10 +330,17 @@ class VenvExecutor:
             cpu_soft=math.ceil(min(timeout, 10**9) * max(1.0, spec.limits.cpus)) + 5,
             cpu_hard=math.ceil(min(timeout, 10**9) * max(1.0, spec.limits.cpus)) + 10)
         argv: list[str] = []
-        if not spec.limits.network and self._netns_works():
+        net = not spec.limits.network and self._netns_works()
+        if self._namespaces().pid_mount:
+            keep = [str(spec.workspace), str(venv)]
+            # Other tasks' dirs sit next to this one (STATE/tasks/ID/workspace).
+            argv += unshare_argv(net=net) + sandbox_init_argv(
+                keep, spec.limits.tmpfs_bytes, writable=str(spec.workspace),
+                hide_under=str(spec.workspace.parent.parent))
+        elif net:
             argv += ["unshare", "--net", "--"]
-        if self._user is not None:
-            argv += ["setpriv", f"--reuid={self._user.uid}", f"--regid={self._user.gid}",
+        if user is not None:
+            argv += ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
                      "--clear-groups", "--no-new-privs", "--bounding-set=-all", "--"]
         argv += limits.prlimit_argv() + ["sh", "-c", _WRAPPER, "hivemind-task", *entry]
         return argv, env
@@ -270,8 +349,11 @@ class VenvExecutor:
         if task.log_dir.exists():
             shutil.rmtree(task.log_dir)
         task.log_dir.mkdir(parents=True, mode=0o700)
-        if self._user is not None:
-            chown_tree(spec.workspace, self._user.uid, self._user.gid)
+        if task.uid is not None and self._root:
+            gid = task.uid if task.own_uid else (self._user.gid if self._user else task.uid)
+            chown_tree(spec.workspace, task.uid, gid)
+            # Only the task (and root) may enter its workspace.
+            os.chmod(spec.workspace, 0o700)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         fds = [os.open(task.log_dir / n, flags, 0o600) for n in ("exit", "stdout.log", "stderr.log")]
         try:
@@ -292,7 +374,9 @@ class VenvExecutor:
     def _state(self, task: _Task) -> dict[str, Any]:
         return {"pid": task.pid, "pgid": task.pid, "create_time": task.create_time,
                 "started_at": task.started_at, "deadline": task.deadline,
-                "workspace": str(task.workspace), "log_dir": str(task.log_dir), "uid": task.uid}
+                "workspace": str(task.workspace), "log_dir": str(task.log_dir), "uid": task.uid,
+                "own_uid": task.own_uid, "isolation": task.isolation,
+                "output_bytes": task.output_bytes}
 
     def _handle(self, task: _Task) -> TaskHandle:
         return TaskHandle(version=HANDLE_VERSION, task_id=task.task_id, executor=self.name,
@@ -301,7 +385,8 @@ class VenvExecutor:
     def _start_threads(self, task: _Task, sink: OutputSink, offsets: tuple[int, int]) -> None:
         for stream, offset in zip(("stdout", "stderr"), offsets, strict=True):
             t = FileTailer(task.log_dir / f"{stream}.log", stream, sink, self._log, offset=offset,
-                           offset_file=task.log_dir / f"{stream}.offset", clock=self._clock)
+                           offset_file=task.log_dir / f"{stream}.offset", clock=self._clock,
+                           max_bytes=task.output_bytes)
             t.start()
             task.tailers.append(t)
         threading.Thread(target=self._watch, args=(task,), name=f"venv-wait-{task.task_id}",
@@ -309,7 +394,8 @@ class VenvExecutor:
 
     # -- recover -------------------------------------------------------------------------------
 
-    def recover(self, handle: TaskHandle, sink: OutputSink) -> None:
+    def recover(self, handle: TaskHandle, sink: OutputSink,
+                resume: Mapping[str, int] | None = None) -> None:
         if handle.executor != self.name or handle.version != HANDLE_VERSION:
             raise TaskNotFound(f"handle of {handle.executor} v{handle.version} is not a venv v1 handle")
         st = handle.state
@@ -319,7 +405,12 @@ class VenvExecutor:
         log_dir = Path(st["log_dir"])
         task = _Task(task_id=handle.task_id, log_dir=log_dir, workspace=Path(st["workspace"]),
                      started_at=float(st["started_at"]), deadline=float(st["deadline"]),
-                     uid=st.get("uid"), pid=int(st["pid"]), create_time=float(st["create_time"]))
+                     uid=st.get("uid"), own_uid=bool(st.get("own_uid")),
+                     isolation=dict(st.get("isolation") or {}),
+                     pid=int(st["pid"]), create_time=float(st["create_time"]),
+                     output_bytes=int(st.get("output_bytes", 0)))
+        if task.own_uid and task.uid is not None and self._uids is not None:
+            self._uids.claim(task.uid, task.task_id)
         alive = task.pid > 0 and same_process(task.pid, task.create_time)
         if alive:
             try:
@@ -334,8 +425,11 @@ class VenvExecutor:
             raise TaskNotFound(f"task {handle.task_id}: no process and no exit status left")
         with self._lock:
             self._tasks[task.task_id] = task
-        self._start_threads(task, sink, offsets=(_read_offset(log_dir, "stdout"),
-                                                 _read_offset(log_dir, "stderr")))
+        # The sink's record beats our own offset files, which are saved about once a second.
+        offsets = tuple(resume[s] if resume is not None and s in resume else
+                        (0 if resume is not None else _read_offset(log_dir, s))
+                        for s in ("stdout", "stderr"))
+        self._start_threads(task, sink, offsets=(offsets[0], offsets[1]))
         self._log.info("task %s recovered (%s)", task.task_id, "running" if alive else "exited")
 
     # -- waiting -------------------------------------------------------------------------------
@@ -529,6 +623,9 @@ class VenvExecutor:
         shutil.rmtree(log_dir, ignore_errors=True)
         with self._lock:
             self._tasks.pop(task_id, None)
+        if task is not None and task.own_uid and task.uid is not None and self._uids is not None:
+            # Only once its processes are gone; allocate() re-checks /proc before reuse anyway.
+            self._uids.release(task.uid)
 
     def _kill_registered(self, log_dir: Path) -> None:
         """cleanup() of a task this object never saw: kill it from its registry record."""

@@ -7,9 +7,14 @@ Layout under the cache root:
 
 A build runs under an exclusive flock, into a temp dir, then is renamed into place: a crashed
 build leaves no half venv (the next builder removes its temp dir) and no held lock (the kernel
-drops a flock with its holder). When the worker is root, the build (including any setup.py that
-pip runs) runs as the task user, never as root; the finished venv is then chowned to root and
-made read-only for others, so one task can't poison a venv another task uses.
+drops a flock with its holder). When the worker is root, the build runs as the build user,
+never as root; the finished venv is then chowned to root and made read-only for others, so one
+task can't poison a venv another task uses.
+
+requirements.txt is validated first (requirements.py: specifiers only), then installed in two
+steps (wheel_fetch.py): `pip download --only-binary=:all:` with network, which runs nothing from
+the archive or any sdist, and an offline `pip install --no-index` from those wheels in an empty
+network namespace.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hivemind.config import RequirementsConfig
 from hivemind.errors import HivemindError
 from hivemind.executors.base import OutputLine, OutputSink, PrepareCancelled
+from hivemind.executors.fetch_proxy import FetchProxy, netns_available, sandboxed_fetch_argv
 from hivemind.executors.proc import (
     LineSplitter,
     TaskUser,
@@ -39,6 +46,8 @@ from hivemind.executors.proc import (
     signal_group,
     strip_group_other_write,
 )
+from hivemind.executors.requirements import parse_requirements
+from hivemind.executors.wheel_fetch import download_argv, fetch_env, install_argv
 
 _POLL_S = 0.05
 
@@ -52,12 +61,14 @@ class VenvCache:
 
     def __init__(self, root: Path, python: str, logger: logging.Logger, *,
                  build_user: TaskUser | None = None,
+                 requirements: RequirementsConfig | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.python = python
         self._log = logger
         self._build_user = build_user
+        self._req_cfg = requirements or RequirementsConfig()
         self._clock = clock
         self._wall = wall_clock
         self._interp_id: str | None = None
@@ -99,6 +110,8 @@ class VenvCache:
         build is left running or on disk.
         """
         content = _read(requirements)
+        if content:
+            parse_requirements(content)   # refuse before anything runs, even on a cache hit
         key = self.key(content)
         final = self.root / key
         if (final / "bin" / "python").exists():
@@ -151,22 +164,28 @@ class VenvCache:
                cancel: threading.Event, deadline: float) -> None:
         build = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
         try:
-            venv, home = build / "venv", build / "home"
+            venv, home, wheels = build / "venv", build / "home", build / "wheels"
             home.mkdir()
+            wheels.mkdir()
             req = build / "requirements.txt"
             if content:
-                # pip reads this copy: what was hashed is exactly what gets installed.
-                req.write_bytes(content)
+                # pip reads what the worker wrote from the validated lines, not the task's file.
+                req.write_text(parse_requirements(content).normalized())
             if self._build_user is not None:
                 chown_tree(build, self._build_user.uid, self._build_user.gid)
             self._say(sink, f"creating venv {key[:12]} ({self.python})")
             cmd = [self.python, "-m", "venv"] + ([] if content else ["--without-pip"]) + [str(venv)]
-            self._run(cmd, build, home, sink, cancel, deadline, "creating the venv")
+            self._run(cmd, build, home, sink, cancel, deadline, "creating the venv", isolate=True)
             if content:
-                self._say(sink, "installing requirements.txt")
-                self._run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
-                           "--disable-pip-version-check", "--no-cache-dir", "--progress-bar", "off",
-                           "-r", str(req)], build, home, sink, cancel, deadline, "pip install")
+                pip = [str(venv / "bin" / "python"), "-m", "pip"]
+                self._say(sink, "fetching wheels for requirements.txt (no sdists: nothing is built)")
+                fetch_wheels(download_argv(pip, req, wheels, self._req_cfg), pip[0],
+                             cfg=self._req_cfg, cwd=build, env=fetch_env(self._req_cfg, home),
+                             user=self._build_user, sink=sink, cancel=cancel, deadline=deadline,
+                             clock=self._clock, wall=self._wall, log=self._log)
+                self._say(sink, "installing the wheels offline")
+                self._run(install_argv(pip, req, str(wheels)), build, home, sink, cancel,
+                          deadline, "pip install", isolate=True)
             _relocate(venv, final)
             if self._build_user is not None:
                 chown_tree(venv, 0, 0)
@@ -178,44 +197,113 @@ class VenvCache:
             shutil.rmtree(build, ignore_errors=True)
 
     def _run(self, argv: list[str], cwd: Path, home: Path, sink: OutputSink,
-             cancel: threading.Event, deadline: float, what: str) -> None:
-        """Run one build step in its own process group; its output goes to the sink line by line."""
-        user = self._build_user
-        proc = subprocess.Popen(
-            argv, cwd=cwd, env=_base_env(home), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            user=user.uid if user else None, group=user.gid if user else None,
-            extra_groups=[] if user else None)
-        reader = threading.Thread(target=self._pump, args=(proc, sink), daemon=True,
-                                  name="prepare-output")
-        reader.start()
-        try:
-            while proc.poll() is None:
-                if cancel.wait(_POLL_S):
-                    raise PrepareCancelled()
-                if self._clock() > deadline:
-                    raise PrepareFailed(f"prepare timed out during {what}")
-        finally:
-            # Kill the whole group whatever happened: pip's build backends are its children.
-            signal_group(proc.pid, 9)
-            proc.wait()
-            reader.join(5)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        if proc.returncode != 0:
-            raise PrepareFailed(f"{what} failed with exit code {proc.returncode}; see the prepare output")
-
-    def _pump(self, proc: subprocess.Popen[bytes], sink: OutputSink) -> None:
-        assert proc.stdout is not None
-        split = LineSplitter()
-        fd = proc.stdout.fileno()
-        while chunk := os.read(fd, 65536):
-            emit(sink, "prepare", split.feed(chunk), self._wall, self._log)
-        emit(sink, "prepare", split.flush(), self._wall, self._log)
+             cancel: threading.Event, deadline: float, what: str, *, isolate: bool = False,
+             env: dict[str, str] | None = None) -> None:
+        """One build step as the build user. `isolate`: in an empty network namespace (nothing
+        it runs can reach any address)."""
+        run_step(argv, cwd=cwd, env=env or _base_env(home), user=self._build_user,
+                 isolate=isolate, sink=sink, cancel=cancel, deadline=deadline, what=what,
+                 clock=self._clock, wall=self._wall, log=self._log)
 
     def _say(self, sink: OutputSink, text: str) -> None:
         with contextlib.suppress(Exception):
             sink(OutputLine(ts=self._wall(), stream="prepare", text=f"[hivemind] {text}"))
+
+
+def fetch_wheels(pip_argv: list[str], python: str, *, cfg: RequirementsConfig, cwd: Path,
+                 env: dict[str, str], user: TaskUser | None, sink: OutputSink,
+                 cancel: threading.Event, deadline: float, clock: Callable[[], float],
+                 wall: Callable[[], float], log: logging.Logger) -> None:
+    """The fetch step: `pip_argv` (pip download) in an empty network namespace whose only way
+    out is the worker's filtering proxy (fetch_proxy.py), as `user`."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="hm-fetch-"))
+    in_netns = netns_available()
+    proxy = FetchProxy.for_config(sock_dir / "s" if in_netns else None, cfg.index_url,
+                                  cfg.proxy, log)
+    try:
+        drop: list[str] = []
+        step_user = None
+        if user is not None:
+            os.chown(sock_dir, user.uid, user.gid)
+            proxy.chown(user.uid, user.gid)
+            if os.geteuid() == 0:
+                drop = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
+                        "--clear-groups", "--no-new-privs", "--bounding-set=-all", "--"]
+        if in_netns:
+            argv = sandboxed_fetch_argv(python, proxy.path or sock_dir / "s", pip_argv, drop)
+        else:
+            emit(sink, "prepare", ["[hivemind] no network namespace for the fetch step here: "
+                                   "pip reaches the network only through the worker's filtering proxy"],
+                 wall, log)
+            argv = [a.replace("{proxy}", proxy.url) for a in pip_argv]
+            step_user = user if os.geteuid() == 0 else None
+        try:
+            run_step(argv, cwd=cwd, env=env, user=step_user, isolate=False, sink=sink,
+                     cancel=cancel, deadline=deadline, what="pip download", clock=clock,
+                     wall=wall, log=log)
+        except PrepareFailed as exc:
+            if proxy.refused:
+                raise PrepareFailed(f"{exc}; the fetch step may reach only the package index, "
+                                    f"refused: {'; '.join(proxy.refused[:5])}") from None
+            raise
+    finally:
+        proxy.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def run_step(argv: list[str], *, cwd: Path, env: dict[str, str], user: TaskUser | None,
+             isolate: bool, sink: OutputSink, cancel: threading.Event, deadline: float,
+             what: str, clock: Callable[[], float], wall: Callable[[], float],
+             log: logging.Logger) -> None:
+    """Run one build step in its own process group; its output goes to the sink line by line.
+    Raises PrepareCancelled / PrepareFailed; the whole group is killed whatever happened."""
+    if isolate:
+        argv = isolated_argv(argv, user)
+        user = None     # setpriv inside the namespace drops to the user
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        user=user.uid if user else None, group=user.gid if user else None,
+        extra_groups=[] if user else None)
+    reader = threading.Thread(target=_pump, args=(proc, sink, wall, log), daemon=True,
+                              name="prepare-output")
+    reader.start()
+    try:
+        while proc.poll() is None:
+            if cancel.wait(_POLL_S):
+                raise PrepareCancelled()
+            if clock() > deadline:
+                raise PrepareFailed(f"prepare timed out during {what}")
+    finally:
+        # Kill the whole group whatever happened: pip's children are in it.
+        signal_group(proc.pid, 9)
+        proc.wait()
+        reader.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if proc.returncode != 0:
+        raise PrepareFailed(f"{what} failed with exit code {proc.returncode}; see the prepare output")
+
+
+def _pump(proc: subprocess.Popen[bytes], sink: OutputSink, wall: Callable[[], float],
+          log: logging.Logger) -> None:
+    assert proc.stdout is not None
+    split = LineSplitter()
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 65536):
+        emit(sink, "prepare", split.feed(chunk), wall, log)
+    emit(sink, "prepare", split.flush(), wall, log)
+
+
+def isolated_argv(argv: list[str], user: TaskUser | None) -> list[str]:
+    """`argv` in an empty network namespace: as root with setpriv dropping to `user`; as
+    another user inside a user namespace of its own (needs unprivileged user namespaces)."""
+    if os.geteuid() == 0:
+        drop = [] if user is None else [
+            "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
+            "--no-new-privs", "--bounding-set=-all", "--"]
+        return ["unshare", "--net", "--", *drop, *argv]
+    return ["unshare", "--user", "--net", "--", *argv]
 
 
 def _read(requirements: Path | None) -> bytes | None:

@@ -10,7 +10,17 @@ Modes, strongest first:
 mode is an error, never a silent fallback to legacy.
 
 A refused call never reaches the servicer (so nothing is executed), is logged with the peer
-address and the reason, never the credential, and counts toward a per-peer failure limit.
+address and the reason, never the credential, and counts toward a per-peer failure limit and a
+global one (many addresses guessing together).
+
+Unauthenticated callers cost almost nothing: every handler is served as a request-streaming one,
+so the credential check (metadata, peer address, TLS auth context) runs before grpc reads and
+deserializes the request body. Until the application asks for the message grpc keeps only what
+HTTP/2 flow control lets the caller send ahead (the stream window, kilobytes to a few MiB), and
+a refusal resets the stream. In `mtls` mode a caller without a client certificate doesn't get
+past the TLS handshake. Calls that carry task archives (ExecuteTask) are admitted against a
+`CallBudget`: past it they get RESOURCE_EXHAUSTED at once, before their body is read, so the
+memory in-flight archives can hold is bounded by budget x message limit in every mode.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -137,35 +147,68 @@ def resolve_server_auth(auth: ServerAuthConfig,
 
 
 class FailureLimiter:
-    """Per-peer count of failed authentications: `max_failures` within `window_s` blocks the
-    peer for `cooldown_s`. Thread-safe; memory bounded by `max_peers`."""
+    """Failed authentications: `max_failures` from one peer within `window_s` block that peer for
+    `cooldown_s`; `max_global_failures` from everyone within `window_s` block every peer that
+    hasn't authenticated successfully within `trusted_s` (a guesser spread over many addresses
+    can't go on, while the pool, which authenticates, keeps working). Thread-safe; memory
+    bounded by `max_peers`."""
 
     def __init__(self, *, max_failures: int = 10, window_s: float = 60.0,
                  cooldown_s: float = 60.0, max_peers: int = 4096,
+                 max_global_failures: int = 300, trusted_s: float = 3600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._max = max_failures
         self._window = window_s
         self._cooldown = cooldown_s
         self._max_peers = max_peers
+        self._max_global = max_global_failures
+        self._trusted_s = trusted_s
         self._clock = clock
         self._lock = threading.Lock()
         self._failures: dict[str, deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        self._global: deque[float] = deque()
+        self._global_blocked_until = 0.0
+        self._trusted: dict[str, float] = {}
 
     def blocked(self, peer: str) -> bool:
         with self._lock:
+            now = self._clock()
+            if now < self._global_blocked_until and not self._is_trusted(peer, now):
+                return True
             until = self._blocked_until.get(peer)
             if until is None:
                 return False
-            if self._clock() < until:
+            if now < until:
                 return True
             del self._blocked_until[peer]
             return False
 
+    def globally_blocked(self) -> bool:
+        with self._lock:
+            return self._clock() < self._global_blocked_until
+
+    def _is_trusted(self, peer: str, now: float) -> bool:
+        seen = self._trusted.get(peer)
+        return seen is not None and now - seen < self._trusted_s
+
+    def record_success(self, peer: str) -> None:
+        with self._lock:
+            self._trusted[peer] = self._clock()
+            if len(self._trusted) > self._max_peers:
+                del self._trusted[next(iter(self._trusted))]
+
     def record_failure(self, peer: str) -> bool:
-        """Count one failure; True when this one puts the peer into its cool-down."""
+        """Count one failure; True when this one puts the peer (or everyone) into a cool-down."""
         with self._lock:
             now = self._clock()
+            self._global.append(now)
+            while self._global and self._global[0] <= now - self._window:
+                self._global.popleft()
+            if len(self._global) >= self._max_global and now >= self._global_blocked_until:
+                self._global_blocked_until = now + self._cooldown
+                self._global.clear()
+                return True
             times = self._failures.setdefault(peer, deque())
             times.append(now)
             while times and times[0] <= now - self._window:
@@ -203,6 +246,43 @@ def peer_address(peer: str) -> IPAddress | None:
     return ip
 
 
+def limiter_key(ip: IPAddress | None, peer: str) -> str:
+    """What the failure limiter counts by: the address, or its /64 for IPv6 (one host usually
+    holds a whole /64, so counting single addresses would let it rotate freely)."""
+    if ip is None:
+        return peer
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class CallBudget:
+    """At most `limit` calls of `methods` in flight (their request bodies are the big ones).
+    `try_enter` never waits: a caller past the budget is refused at once."""
+
+    def __init__(self, limit: int, methods: frozenset[str]) -> None:
+        self.limit = limit
+        self.methods = methods
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def try_enter(self) -> bool:
+        with self._lock:
+            if self._in_flight >= self.limit:
+                return False
+            self._in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+
 class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, details: str, reason: str) -> None:
         super().__init__(details)
@@ -212,15 +292,18 @@ class _Refused(Exception):
 
 
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg,misc]
-    """Enforces a ServerAuth on every call. `local_methods` (the health check) are allowed
-    without credentials from the worker's own unix socket and nowhere else on that socket."""
+    """Enforces a ServerAuth on every call, before its request body is read. `local_methods`
+    (the health check) are allowed without credentials from the worker's own unix socket and
+    nowhere else on that socket. `budget` caps the calls of its methods in flight."""
 
     def __init__(self, auth: ServerAuth, limiter: FailureLimiter, logger: logging.Logger,
-                 local_methods: frozenset[str] = frozenset()) -> None:
+                 local_methods: frozenset[str] = frozenset(),
+                 budget: CallBudget | None = None) -> None:
         self._auth = auth
         self._limiter = limiter
         self._log = logger
         self._local_methods = local_methods
+        self._budget = budget
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: Any) -> Any:
@@ -229,11 +312,17 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg,misc]
             return None
         method: str = handler_call_details.method
         metadata = tuple(handler_call_details.invocation_metadata or ())
+        budget = self._budget if self._budget and method in self._budget.methods else None
 
         def check(context: grpc.ServicerContext) -> None:
             self._check(method, metadata, context)
+            if budget is not None and not budget.try_enter():
+                self._log.debug("refused %s from %s: %d calls already in flight", method,
+                                context.peer(), budget.limit)
+                _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"busy: {budget.limit} task uploads already in flight; retry later")
 
-        return _wrap(handler, check)
+        return _wrap(handler, check, budget.leave if budget is not None else None)
 
     def _check(self, method: str, metadata: tuple[Any, ...],
                context: grpc.ServicerContext) -> None:
@@ -243,7 +332,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg,misc]
                 return
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, "not allowed on the local socket")
         ip = peer_address(peer)
-        key = str(ip) if ip is not None else peer
+        key = limiter_key(ip, peer)
         if self._limiter.blocked(key):
             self._log.debug("refused %s from %s: in failure cool-down", method, peer)
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -252,9 +341,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg,misc]
             self._verify(ip, metadata, context)
         except _Refused as refusal:
             now_blocked = self._limiter.record_failure(key)
-            self._log.warning("refused %s from %s: %s%s", method, peer, refusal.reason,
-                              "; peer blocked for a cool-down" if now_blocked else "")
+            # During a cool-down refusals are logged at debug: a flood must not flood the log.
+            level = logging.WARNING if not self._limiter.globally_blocked() or now_blocked \
+                else logging.DEBUG
+            self._log.log(level, "refused %s from %s: %s%s", method, peer, refusal.reason,
+                          "; failure limit reached, refusing for a cool-down"
+                          if now_blocked else "")
             _abort(context, refusal.code, refusal.details)
+        self._limiter.record_success(key)
 
     def _verify(self, ip: IPAddress | None, metadata: tuple[Any, ...],
                 context: grpc.ServicerContext) -> None:
@@ -303,24 +397,63 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
     raise AssertionError("unreachable: context.abort raises")
 
 
-def _wrap(handler: Any, check: Callable[[grpc.ServicerContext], None]) -> Any:
-    """The same handler with `check` run before the behaviour, for any of the four call kinds."""
-    kinds: dict[str, Callable[..., Any]] = {
-        "unary_unary": grpc.unary_unary_rpc_method_handler,
-        "unary_stream": grpc.unary_stream_rpc_method_handler,
-        "stream_unary": grpc.stream_unary_rpc_method_handler,
-        "stream_stream": grpc.stream_stream_rpc_method_handler,
-    }
-    for attr, factory in kinds.items():
-        inner = getattr(handler, attr)
-        if inner is None:
-            continue
+def _wrap(handler: Any, check: Callable[[grpc.ServicerContext], None],
+          release: Callable[[], None] | None) -> Any:
+    """The same handler with `check` run before the request is read, for any of the four call
+    kinds. Unary-request handlers become request-streaming ones: grpc reads (and deserializes) a
+    unary request before calling the behaviour, a streamed one only when the behaviour asks.
+    `release` runs when a call that passed `check` ends."""
+    def finish() -> None:
+        if release is not None:
+            release()
 
-        def guarded(request: Any, context: grpc.ServicerContext,
-                    _inner: Callable[[Any, Any], Any] = inner) -> Any:
+    def one(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        for request in requests:
+            return request
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+
+    behaviour: Callable[..., Any]
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        def unary_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             check(context)
-            return _inner(request, context)
+            try:
+                return inner_uu(one(requests, context), context)
+            finally:
+                finish()
+        behaviour, factory = unary_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.unary_stream is not None:
+        inner_us = handler.unary_stream
 
-        return factory(guarded, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
-    return handler
+        def unary_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            check(context)
+            try:
+                yield from inner_us(one(requests, context), context)
+            finally:
+                finish()
+        behaviour, factory = unary_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            check(context)
+            try:
+                return inner_su(requests, context)
+            finally:
+                finish()
+        behaviour, factory = stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.stream_stream is not None:
+        inner_ss = handler.stream_stream
+
+        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            check(context)
+            try:
+                yield from inner_ss(requests, context)
+            finally:
+                finish()
+        behaviour, factory = stream_stream, grpc.stream_stream_rpc_method_handler
+    else:
+        return handler
+    return factory(behaviour, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)

@@ -22,12 +22,22 @@ import grpc
 
 from hivemind.config import ServerConfig
 from hivemind.errors import StartupError
-from hivemind.server.auth import AuthInterceptor, AuthMode, FailureLimiter, resolve_server_auth
+from hivemind.server.auth import (
+    AuthInterceptor,
+    AuthMode,
+    CallBudget,
+    FailureLimiter,
+    resolve_server_auth,
+)
 from hivemind.server.service import ServedCalls, TaskAcceptor, add_worker_service
 
 HEALTH_SERVICE = "hivemind.worker.Health"
 HEALTH_METHOD = f"/{HEALTH_SERVICE}/Check"
 _HEALTH_REPLY = b"ok"
+EXECUTE_METHOD = "/nodepool.WorkerNodeService/ExecuteTask"
+# An ExecuteTaskRequest is the archive plus a task id and a few numbers; protobuf and gRPC
+# framing add bytes, never megabytes.
+FRAMING_BYTES = 64 * 1024
 
 
 class ServerStartError(StartupError):
@@ -95,19 +105,24 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
                         clock: Callable[[], float] = time.monotonic,
                         max_workers: int = 8,
                         runtime_dir: str | None = None,
+                        max_archive_mb: int | None = None,
                         generation: str = "2026-04", node_id: str = "") -> RunningServer:
     """Resolve auth, bind `cfg.listen_host:cfg.port`, start serving.
 
     Raises ConfigError/SecretError (auth setup) or ServerStartError (binding), never starting a
     weaker mode than configured. `runtime_dir` holds the private health socket (default: a
-    fresh 0700 temp dir). `generation` is the pool protocol generation (pool.protocol) whose
-    WorkerNodeService messages are served; `node_id` is this node's id (2025-10's ExecuteTask
-    names the node it is meant for).
+    fresh 0700 temp dir). `max_archive_mb` (archive.max_archive_mb) lowers the message limit to
+    one archive plus framing: a bigger message would be refused after it was read anyway.
+    `generation` is the pool protocol generation (pool.protocol) whose WorkerNodeService messages
+    are served; `node_id` is this node's id (2025-10's ExecuteTask names the node it is meant for).
     """
     auth = resolve_server_auth(cfg.auth, environ)
-    limit = cfg.max_message_mb * 1024 * 1024
-    interceptor = AuthInterceptor(auth, limiter or FailureLimiter(clock=clock), logger,
-                                  local_methods=frozenset({HEALTH_METHOD}))
+    limit = message_limit(cfg, max_archive_mb)
+    budget = CallBudget(cfg.max_inflight_uploads, frozenset({EXECUTE_METHOD}))
+    interceptor = AuthInterceptor(
+        auth, limiter or FailureLimiter(max_global_failures=cfg.max_failed_auth_per_minute,
+                                        clock=clock),
+        logger, local_methods=frozenset({HEALTH_METHOD}), budget=budget)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker"),
         interceptors=[interceptor],
@@ -140,7 +155,20 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
     else:
         logger.info("gRPC server on %s, auth mode %s", _tcp_address(cfg.listen_host, port),
                     auth.mode.value)
+    logger.info("gRPC messages up to %d MiB, %d task uploads in flight at most (archive memory "
+                "budget %d MiB)", limit // MIB, budget.limit, budget.limit * limit // MIB)
     return RunningServer(server, port, auth.mode, health_dir, logger)
+
+
+MIB = 1024 * 1024
+
+
+def message_limit(cfg: ServerConfig, max_archive_mb: int | None) -> int:
+    """The largest gRPC message accepted, in bytes."""
+    limit = cfg.max_message_mb * MIB
+    if max_archive_mb is not None:
+        limit = min(limit, max_archive_mb * MIB + FRAMING_BYTES)
+    return limit
 
 
 def _bind(server: grpc.Server, address: str, creds: grpc.ServerCredentials | None) -> int:

@@ -4,8 +4,11 @@ Resources are thin: they read the injected StatusView / WorkerMetrics and serial
 live in one middleware so no route can forget them:
 - /healthz and the monitor's static shell (/, /static/*: no data in them) are always open; the
   page asks for the token itself and sends it as a header.
-- Other reads need `Authorization: Bearer <token>` when `reads_need_token` (non-loopback bind).
-- Writes (POST) always need the token; without a configured token they answer 403.
+- /readyz, /metrics, /api/v1/status and the OpenAPI document need `Authorization: Bearer <token>`
+  only when `reads_need_token` (non-loopback bind): they say nothing about any task's data.
+- Task data (`private` resources: task lists, a task's output tail) always needs the token: any
+  local user can reach a loopback port, and output tails are the tasks' own data.
+- Writes (POST) always need the token; without a configured token they (and task data) answer 403.
 Every error is JSON. A body that would contain the token is replaced by a 500 (belt and braces:
 nothing the app serves should ever hold it).
 """
@@ -75,6 +78,8 @@ class _Status:
 
 
 class _Tasks:
+    private = True
+
     def __init__(self, view: StatusView) -> None:
         self._view = view
 
@@ -89,6 +94,8 @@ def _unknown_task(task_id: str) -> falcon.HTTPNotFound:
 
 
 class _Task:
+    private = True
+
     def __init__(self, view: StatusView) -> None:
         self._view = view
 
@@ -178,11 +185,12 @@ class _Guard:
         # A method the route lacks is a 405 from Falcon, not a write: only real writes need it.
         is_write = (req.method not in SAFE_METHODS
                     and hasattr(resource, "on_" + req.method.lower()))
-        if is_write and self._token is None:
+        private = getattr(resource, "private", False)
+        if (is_write or private) and self._token is None:
             self._reject(req, "no token configured")
             raise falcon.HTTPForbidden(title="no token configured",
-                                       description="operator actions need status.token_file to be set")
-        if is_write or self._reads_need_token:
+                                       description="operator actions and task data need status.token_file to be set")
+        if is_write or private or self._reads_need_token:
             problem = self._check(req.get_header("Authorization"))
             if problem:
                 self._reject(req, problem)

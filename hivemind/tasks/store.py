@@ -236,6 +236,13 @@ class TaskStore:
         self._tx([("DELETE FROM results WHERE task_id=?", (task_id,)),
                   ("DELETE FROM tasks WHERE task_id=?", (task_id,))])
 
+    def discard(self, task_id: str) -> None:
+        """Drop a task as if it had never come: only for one whose acceptance the pool never
+        heard (its archive was not persisted before the crash), so the pool's retry is admitted."""
+        self._tx([("DELETE FROM results WHERE task_id=?", (task_id,)),
+                  ("DELETE FROM tasks WHERE task_id=?", (task_id,)),
+                  ("DELETE FROM seen WHERE task_id=?", (task_id,))])
+
     # -- results ---------------------------------------------------------------------------
 
     def mark_result_pending(self, task_id: str, zip_path: Path) -> None:

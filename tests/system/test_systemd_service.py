@@ -4,9 +4,12 @@ tests/system/build-image makes a Debian bookworm image with systemd and a wheelh
 is installed with units/install exactly as the README says, a development pool runs next to it
 as a transient unit, and the checks go through systemctl and journalctl. Tasks use the venv
 executor: rootless Podman can't run nested inside this container, so the image has no podman and
-hivemind-podman.service (which the worker Requires=) is skipped by its condition. That also proves
+hivemind-podman.socket (which the worker Wants=) is skipped by its condition. That also proves
 the fully hardened worker unit (seccomp filter, MemoryDenyWriteExecute with the Go metrics library
-loaded through ctypes when native/build has it) runs the worker and a task.
+loaded through ctypes when native/build has it) runs the worker and a task. The Podman-crash check
+puts a stand-in API server (a Python accept loop on the socket systemd passes) in
+hivemind-podman.service: what it tests is systemd's dependency graph between the shipped units
+(socket activation, no restart coupling), which doesn't depend on what the service runs.
 
 The tests run in file order and share one booted container (each step builds on the last).
 """
@@ -54,13 +57,29 @@ resources: {{cpu_score_per_core: 1000, reserve_memory_gb: 0}}
 shutdown: {{policy: drain, drain_timeout_s: 10}}
 """
 
-# Test-only settings: the hang hook, and a short watchdog so the restart check fits the budget.
+# Test-only settings: the hang hook (the watchdog check runs with the shipped WatchdogSec).
 TEST_DROPIN = """\
 [Service]
 Environment=HIVEMIND_DEBUG_HANG_SIGNAL=1
-WatchdogSec=5
 RestartSec=1
 """
+
+# The Podman-crash check: a stand-in for `podman system service` serving the activated socket.
+STAND_IN = "/usr/local/lib/hivemind-test/stand-in-api.py"
+STAND_IN_API = """\
+import socket
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nOK")
+    c.close()
+"""
+PODMAN_STAND_IN_DROPINS = {
+    STAND_IN: STAND_IN_API,
+    f"/etc/systemd/system/{PODMAN_UNIT}.socket.d/test.conf": "[Unit]\nConditionFileIsExecutable=\n",
+    f"/etc/systemd/system/{PODMAN_UNIT}.service.d/test.conf":
+        f"[Unit]\nConditionFileIsExecutable=\n[Service]\nExecStart=\nExecStart=/usr/bin/python3 {STAND_IN}\n",
+}
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -133,6 +152,7 @@ def test_install_as_the_readme_says(machine: Machine) -> None:
         assert machine.run("grep", "^hivemind:", map_).stdout.strip().endswith(":65536")
     assert machine.run("systemctl", "is-enabled", UNIT, check=False).stdout.strip() == "disabled"
     machine.run("test", "-f", f"/etc/systemd/system/{PODMAN_UNIT}.service")
+    machine.run("test", "-f", f"/etc/systemd/system/{PODMAN_UNIT}.socket")
 
     # A development pool beside it, as a transient unit; its worker password becomes the credential.
     machine.run("systemd-run", "--unit=hivemind-devpool", BIN, "dev", "--pool-only",
@@ -157,9 +177,10 @@ def test_start_is_active_only_after_ready(machine: Machine) -> None:
     logged = int(selected["__MONOTONIC_TIMESTAMP"])
     assert int(props["ExecMainStartTimestampMonotonic"]) < logged < int(props["ActiveEnterTimestampMonotonic"])
     assert "executor venv" in props["StatusText"]
-    # The required Podman unit was skipped (no podman in this image), not failed.
-    podman = machine.show(PODMAN_UNIT, "ConditionResult", "ActiveState", "Result")
-    assert podman == {"ConditionResult": "no", "ActiveState": "inactive", "Result": "success"}, podman
+    # The wanted Podman socket was skipped (no podman in this image), not failed.
+    socket_unit = machine.show(f"{PODMAN_UNIT}.socket", "ConditionResult", "ActiveState", "Result")
+    assert socket_unit == {"ConditionResult": "no", "ActiveState": "inactive", "Result": "success"}, socket_unit
+    assert machine.show(PODMAN_UNIT, "ActiveState")["ActiveState"] == "inactive"
 
 
 def test_worker_runs_fully_hardened(machine: Machine) -> None:
@@ -191,7 +212,7 @@ def test_journal_has_structured_records(machine: Machine) -> None:
     rec = ready[-1]
     assert rec["SYSLOG_IDENTIFIER"] == "hivemind-worker"
     assert rec["PRIORITY"] == "6"
-    assert rec["CODE_FILE"].endswith("hivemind/daemon.py") and rec["CODE_FUNC"] == "start"
+    assert rec["CODE_FILE"].endswith("hivemind/daemon.py") and rec["CODE_FUNC"] in ("start", "_start")
     assert rec["_UID"] == machine.run("id", "-u", "hivemind").stdout.strip()
     password = machine.run("cat", "/etc/hivemind/pool-password").stdout.strip()
     assert password not in json.dumps(machine.journal("-u", UNIT))
@@ -224,6 +245,40 @@ def test_sighup_reloads(machine: Machine) -> None:
     assert machine.show(UNIT, "MainPID")["MainPID"] == pid
 
 
+def test_task_with_requirements_txt(machine: Machine) -> None:
+    """The preparation step installs requirements.txt into the task's venv (offline here: the
+    requirement is a wheel file from the wheelhouse, which has no dependencies)."""
+    wheel = next(w for w in machine.run("ls", "/wheels").stdout.split() if w.lower().startswith("pyyaml-"))
+    task = f"/tmp/req-task-{uuid.uuid4().hex[:8]}"
+    machine.write(f"{task}/requirements.txt", f"/wheels/{wheel}\n")
+    machine.write(f"{task}/run.py", "import yaml, sys\nprint('yaml from', yaml.__file__)\n"
+                  "print('venv', sys.prefix)\n")
+    machine.run("chmod", "-R", "a+rX", task)
+    out = machine.run(BIN, "submit", task, "--pool", POOL, "--timeout", "300", "--out", f"{task}.zip").stdout
+    assert ": COMPLETED" in out.strip().splitlines()[-1], out
+    line = next(x for x in out.splitlines() if x.startswith("yaml from"))
+    prefix = next(x for x in out.splitlines() if x.startswith("venv ")).split()[1]
+    assert line.split()[-1].startswith(prefix) and prefix.startswith("/var/lib/hivemind-worker"), out
+
+
+def test_invalid_reload_fails_visibly_and_the_old_config_keeps_running(machine: Machine) -> None:
+    pid = machine.show(UNIT, "MainPID")["MainPID"]
+    machine.write("/etc/hivemind/worker.yaml", WORKER_YAML + "bogus_key: 1\n", "0640")
+    machine.run("chgrp", "hivemind", "/etc/hivemind/worker.yaml")
+    try:
+        reload = machine.run("systemctl", "reload", UNIT, check=False)
+        assert reload.returncode != 0, reload.stdout + reload.stderr
+        props = machine.show(UNIT, "ActiveState", "MainPID")
+        assert props == {"ActiveState": "active", "MainPID": pid}, props
+        lines = [r["MESSAGE"] for r in machine.journal("-u", UNIT)]
+        assert any("bogus_key: unknown key" in line for line in lines), lines[-10:]
+    finally:
+        machine.write("/etc/hivemind/worker.yaml", WORKER_YAML, "0640")
+        machine.run("chgrp", "hivemind", "/etc/hivemind/worker.yaml")
+    machine.run("systemctl", "reload", UNIT)
+    assert machine.show(UNIT, "MainPID")["MainPID"] == pid
+
+
 def test_hung_main_loop_is_killed_by_the_watchdog(machine: Machine) -> None:
     props = machine.show(UNIT, "MainPID", "NRestarts")
     machine.run("systemctl", "kill", "--kill-who=main", "--signal=SIGUSR2", UNIT)
@@ -236,7 +291,51 @@ def test_hung_main_loop_is_killed_by_the_watchdog(machine: Machine) -> None:
     assert machine.show(UNIT, "MainPID")["MainPID"] != props["MainPID"]
 
 
+def test_podman_crash_leaves_the_worker_running(machine: Machine) -> None:
+    for path, text in PODMAN_STAND_IN_DROPINS.items():
+        machine.write(path, text)
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "start", f"{PODMAN_UNIT}.socket")
+    sock = machine.run("stat", "-c", "%U %a", "/run/hivemind-podman/podman.sock").stdout.split()
+    assert sock == ["hivemind", "600"], sock
+    connect = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/hivemind-podman/podman.sock'); "
+               "print(s.recv(100).decode().splitlines()[0])")
+    assert machine.run("python3", "-c", connect).stdout.strip() == "HTTP/1.1 200 OK"   # activated
+    podman_pid = machine.show(PODMAN_UNIT, "MainPID")["MainPID"]
+    assert podman_pid != "0"
+    worker = machine.show(UNIT, "MainPID", "NRestarts")
+    machine.run("systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", PODMAN_UNIT)
+    wait_for("the Podman unit to come back", lambda: machine.show(PODMAN_UNIT, "MainPID")["MainPID"]
+             not in ("0", podman_pid), timeout=120)
+    assert machine.show(UNIT, "MainPID", "NRestarts") == worker
+    assert machine.show(UNIT, "ActiveState")["ActiveState"] == "active"
+    assert machine.show(f"{PODMAN_UNIT}.socket", "ActiveState")["ActiveState"] == "active"
+    assert machine.run("python3", "-c", connect).stdout.strip() == "HTTP/1.1 200 OK"
+    machine.run("systemctl", "stop", f"{PODMAN_UNIT}.socket", PODMAN_UNIT)
+
+
+def test_stop_with_a_running_task_drains_then_ends_it(machine: Machine) -> None:
+    marker = f"long-task-{uuid.uuid4().hex[:8]}"
+    task = f"/tmp/{marker}"
+    machine.write(f"{task}/run.py", f"import time\nprint('{marker} started', flush=True)\ntime.sleep(3600)\n")
+    machine.run("chmod", "-R", "a+rX", task)
+    machine.run("systemd-run", f"--unit={marker}", BIN, "submit", task, "--pool", POOL, "--timeout", "600",
+                "--out", f"{task}.zip")
+    wait_for("the task to run", lambda: "1 task(s) running" in machine.show(UNIT, "StatusText")["StatusText"],
+             timeout=120)
+    stop = machine.run("systemctl", "stop", UNIT, check=False)
+    assert stop.returncode == 0, stop.stderr
+    props = machine.show(UNIT, "ActiveState", "Result")
+    assert props == {"ActiveState": "inactive", "Result": "success"}, props
+    assert machine.events("worker.drain_timeout"), "the drain should have timed out on a 1 h task"
+    systemd_lines = [r["MESSAGE"] for r in machine.journal("_PID=1", f"UNIT={UNIT}.service")]
+    assert not any("timed out" in line or "SIGKILL" in line for line in systemd_lines), systemd_lines[-10:]
+    assert machine.run("pgrep", "-f", f"{marker}/run.py", check=False).returncode == 1   # nothing left
+    machine.run("systemctl", "stop", marker, check=False)
+
+
 def test_stop_is_clean(machine: Machine) -> None:
+    machine.run("systemctl", "start", UNIT)
     machine.run("systemctl", "stop", UNIT)
     props = machine.show(UNIT, "ActiveState", "Result", "ExecMainStatus")
     assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, props

@@ -203,9 +203,11 @@
   async function poll() {
     clearTimeout(timer);
     try {
-      const [st, tasks] = await Promise.all([api("/api/v1/status"), api("/api/v1/tasks")]);
+      // The node's status is open on loopback; the task list always needs the token, so draw
+      // the status first and ask for the token (once per tab) when the list is refused.
+      renderStatus(await api("/api/v1/status"));
+      const tasks = await api("/api/v1/tasks");
       $("auth").hidden = !wantToken;
-      renderStatus(st);
       renderTasks(tasks.tasks);
       document.body.dataset.state = "ok";
       document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
