@@ -79,7 +79,11 @@ class StatusServer:
         if server is None or thread is None:
             return
         sock_map = server._map
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(sock_map, ignore_all=True))
+        try:
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(sock_map, ignore_all=True))
+        except OSError:
+            # The loop has ended and closed its trigger already: close what is left from here.
+            wasyncore.close_all(sock_map, ignore_all=True)
         thread.join(timeout)
         if thread.is_alive():
             self._log.warning("status API loop did not stop within %.1f s", timeout)
