@@ -106,8 +106,7 @@ def test_task_output_streams_while_running_and_result_returns(tmp_path: Path, po
         wait_for(lambda: json.loads(status_get(w, "/api/v1/tasks/stream-1"))["state"] == "done", 10,
                  "state done in the status API")
         assert body["task_id"] == "stream-1"
-        with urllib.request.urlopen(f"http://127.0.0.1:{w.status_port}/api/v1/status") as r:
-            status = json.loads(r.read())
+        status = json.loads(status_get(w, "/api/v1/status"))
         assert status["pool"]["protocol"] == pool.protocol
         if pool.protocol == "2025-10":
             limits = " ".join(status["pool"]["protocol_limitations"])
