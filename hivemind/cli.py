@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_dev.add_argument("--pool-only", action="store_true", help="start only the development pool")
     p_dev.add_argument("--demo", action="store_true", help="submit the bundled sample task, print its output and exit")
     p_dev.add_argument("--config", default="", help="worker config to start from (dev overrides pool and ports)")
+    p_dev.add_argument("--protocol", default="2026-04", choices=("2026-04", "2025-10"),
+                       help="pool protocol generation the development pool and the worker speak")
+    p_dev.add_argument("--token-ttl", type=float, default=3600.0,
+                       help="lifetime in seconds of the development pool's login tokens (renewal tests)")
 
     p_submit = sub.add_parser("submit", help="upload a task to a pool and follow it",
                               description="Upload a task directory or zip, print its output live, save the result zip.")
@@ -75,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_submit.add_argument("--cpu-score", type=int, default=0)
     p_submit.add_argument("--out", type=Path, default=None, help="where to save the result zip")
     p_submit.add_argument("--timeout", type=float, default=3600.0)
+    p_submit.add_argument("--protocol", default="2026-04", choices=("2026-04", "2025-10"),
+                          help="protocol generation the pool speaks")
 
     p_rt = sub.add_parser("run-task", help="run one task locally through the worker's executors",
                           description="Run a task directory or zip through the same executors the daemon "
@@ -112,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.defaults:
                 sys.stdout.write(describe_defaults())
                 return EXIT_OK
-            check_daemon_config(load_config(args.config))
-            print(f"{args.config}: OK")
+            checked = load_config(args.config)
+            check_daemon_config(checked)
+            print(f"{args.config}: OK (pool protocol {checked.pool.protocol})")
             return EXIT_OK
         if args.command == "run":
             cfg = load_config(args.config)

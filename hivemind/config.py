@@ -50,6 +50,8 @@ class PoolTLSConfig:
 @dataclass(frozen=True)
 class PoolConfig:
     address: str = opt("127.0.0.1:50051", "host:port of the node pool's gRPC endpoint.")
+    protocol: str = opt("2026-04", "Protocol generation the pool speaks: 2026-04 (RefreshToken, TaskUsage, chunked results) or 2025-10 (StoreLogs, ReturnTaskResult); checked against the pool at start.",
+                        choices=("2026-04", "2025-10"))
     username: str = opt("worker", "Pool account the worker logs in as.")
     password_file: str = opt("", "File (or credential name) holding the pool password.", secret_file=True)
     heartbeat_interval_s: float = opt(5.0, "Seconds between ReportStatus calls (the pool needs <= 10).", min=0.2, max=10)
@@ -59,7 +61,7 @@ class PoolConfig:
     output_flush_interval_s: float = opt(1.0, "Seconds between batched TaskOutputUpload calls.", min=0.05, max=30)
     output_batch_max_kb: int = opt(64, "Largest output batch sent in one TaskOutputUpload.", min=1, max=4096)
     result_min_delay_s: float = opt(1.0, "Never upload a result sooner than this after accepting (the pool's late RUNNING overwrites it).", min=0, max=60)
-    max_result_message_mb: int = opt(256, "Largest result sent in one TaskResultUpload when the pool has no chunked upload.", min=1, max=1024)
+    max_result_message_mb: int = opt(256, "Largest result sent in one message (TaskResultUpload, or 2025-10's ReturnTaskResult) when the pool has no chunked upload.", min=1, max=1024)
     tls: PoolTLSConfig = field(default_factory=PoolTLSConfig, metadata={"doc": "TLS to the pool."})
 
 

@@ -28,7 +28,8 @@ from hivemind.executors.base import Executor, ExecutorStatus, OutputLine
 from hivemind.executors.select import select_executor
 from hivemind.logging_setup import log_task_output, register_secret, setup_logging
 from hivemind.notify import Heartbeat, Notifier, Watchdog
-from hivemind.pool.client import NodeInfo, NodeStatus, PoolClient
+from hivemind.pool.client import NodeInfo, NodeStatus
+from hivemind.pool.select import open_pool_client
 from hivemind.pool.session import PoolSession, TaskUsageReport
 from hivemind.secrets import Secret, read_secret
 from hivemind.server.grpc_server import RunningServer, start_worker_server
@@ -89,6 +90,7 @@ class Daemon:
         self.executor: Executor | None = None
         self.executor_status: ExecutorStatus | None = None
         self.metrics: Any = None
+        self.fatal_error = ""
 
     # -- building ------------------------------------------------------------------------------
     def build(self) -> None:
@@ -129,7 +131,7 @@ class Daemon:
         self.cpu_score_total = int(per_core * cores)
         self.lifecycle = Lifecycle(capacity.for_tasks())
         self.store = TaskStore(cfg.state_dir / "worker.db")
-        self.client = PoolClient(cfg.pool, password, cfg.node_id, self.log)
+        self.client = open_pool_client(cfg.pool, password, cfg.node_id, self.log)
         self.worker = Worker(cfg, executor=self.executor, lifecycle=self.lifecycle, store=self.store,
                              capacity=capacity, logger=self.log,
                              upload_output=self.client.upload_output,
@@ -222,14 +224,18 @@ class Daemon:
         self.worker.start()
         self.worker.recover()
         self.server = start_worker_server(self.cfg.server, self.worker, logger=self.log, environ=self.environ,
-                                          max_archive_mb=self.cfg.archive.max_archive_mb)
+                                          max_archive_mb=self.cfg.archive.max_archive_mb,
+                                          generation=self.cfg.pool.protocol, node_id=self.cfg.node_id)
         self.view_state.grpc_auth_mode = self.server.mode.value
         self.worker.context["auth_mode"] = self.server.mode.value
         self.view_state.pool_tls = self.cfg.pool.tls.enabled
+        self.view_state.pool_protocol = self.client.generation
+        self.view_state.pool_limitations = list(self.client.limitations())
         self.session = PoolSession(self.client, self.node_info, self.node_status, self.task_usage,
                                    heartbeat_interval_s=self.cfg.pool.heartbeat_interval_s,
                                    register_interval_s=self.cfg.pool.register_interval_s,
-                                   logger=self.log, on_heartbeat_failure=self.prom.heartbeat_failed)
+                                   logger=self.log, on_heartbeat_failure=self.prom.heartbeat_failed,
+                                   on_fatal=self._fatal)
         self.view = WorkerView(self.worker, lambda: self.executor_status,  # type: ignore[arg-type,return-value]
                                self.session, self.view_state, self.warnings, self.cfg.pool.address)
         if self.cfg.status.enabled:
@@ -265,6 +271,11 @@ class Daemon:
             raise StartupError(f"status.listen_host/port: can't listen on {host}:{self.cfg.status.port}: "
                                f"{exc.strerror or exc}") from None
         self.status_server = server
+
+    def _fatal(self, message: str) -> None:
+        """A problem no retry fixes (the pool speaks another protocol generation): stop."""
+        self.fatal_error = message
+        self.signals.stop.set()
 
     def healthy(self) -> bool:
         """The watchdog's check: the main loop turned recently and the gRPC server answers."""
@@ -325,6 +336,7 @@ class Daemon:
                             cpu_usage=self.view_state.machine.cpu_percent / 100.0)
         self.prom.slots(cap.slots, reserved.slots)
         self.prom.draining(self.worker.draining)
+        self.view_state.pool_limitations = list(self.client.limitations())
         st = self.session.state if self.session else None
         self.prom.pool_registered(bool(st and st.registered and st.connected))
 
@@ -484,6 +496,10 @@ def run_daemon(cfg: Config, *, config_path: str | None = None) -> int:
         daemon.loop()
     finally:
         daemon.shutdown()
+    if daemon.fatal_error:
+        # A pool of the other protocol generation: the fix is pool.protocol, as for a config error.
+        log.error("stopped: %s", daemon.fatal_error, extra={"event": "worker.fatal"})
+        return EXIT_STARTUP
     return 0
 
 

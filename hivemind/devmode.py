@@ -35,7 +35,8 @@ def dev_config(args: argparse.Namespace, state_dir: Path, password_file: Path) -
     base["node"].update({"id": base["node"].get("id") or "dev-worker", "state_dir": str(state_dir)})
     base.setdefault("pool", {})
     base["pool"].update({"address": args.pool_listen, "username": WORKER_USER,
-                         "password_file": str(password_file), "heartbeat_interval_s": 2.0})
+                         "password_file": str(password_file), "heartbeat_interval_s": 2.0,
+                         "protocol": getattr(args, "protocol", "2026-04")})
     base.setdefault("server", {})
     base["server"].update({"listen_host": args.worker_host, "port": args.worker_port,
                            "advertise_host": args.worker_host})
@@ -77,12 +78,14 @@ def run_dev(args: argparse.Namespace) -> int:
     setup_logging("info", "stderr", "dev-worker")
     log = logging.getLogger("hivemind")
     pool = DevPool(host=host, port=int(port), users={DEV_USER: DEV_PASSWORD, WORKER_USER: worker_password},
-                   dispatch_interval_s=1.0, logger=logging.getLogger("hivemind.devpool"))
+                   dispatch_interval_s=1.0, logger=logging.getLogger("hivemind.devpool"),
+                   protocol=getattr(args, "protocol", "2026-04"), token_ttl_s=getattr(args, "token_ttl", 3600.0))
     try:
         pool.start()
     except (OSError, RuntimeError) as exc:
         raise StartupError(f"--pool-listen: the development pool can't listen on {args.pool_listen}: {exc}") from None
-    log.info("development pool on %s (task author: user %r, password %r)", pool.address, DEV_USER, DEV_PASSWORD)
+    log.info("development pool (protocol %s) on %s (task author: user %r, password %r)", pool.protocol,
+             pool.address, DEV_USER, DEV_PASSWORD)
     if args.pool_only:
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
@@ -101,7 +104,7 @@ def run_dev(args: argparse.Namespace) -> int:
         if args.demo:
             # The demo prints the task's output itself; the journal copy would show every line twice.
             logging.getLogger("hivemind.task").setLevel(logging.WARNING)
-            threading.Thread(target=_demo, args=(daemon, pool.address), daemon=True).start()
+            threading.Thread(target=_demo, args=(daemon, pool.address, pool.protocol), daemon=True).start()
         daemon.loop()
         rc = getattr(daemon, "demo_rc", 0)
     except ConfigError:
@@ -112,14 +115,14 @@ def run_dev(args: argparse.Namespace) -> int:
     return rc
 
 
-def _demo(daemon: Any, pool_address: str) -> None:
+def _demo(daemon: Any, pool_address: str, protocol: str) -> None:
     from hivemind.devpool.submit import submit_task
     from hivemind.samples import sample
 
     out = Path(daemon.cfg.state_dir) / "demo-result.zip"
     try:
         res = submit_task(pool_address, sample("hello"), DEV_USER, DEV_PASSWORD, out_path=out,
-                          timeout_s=300, on_output=lambda text: print(text, end="" if text.endswith("\n") else "\n", flush=True))
+                          timeout_s=300, protocol=protocol, on_output=lambda text: print(text, end="" if text.endswith("\n") else "\n", flush=True))
         print(f"demo task {res.task_id}: {res.status}; result saved to {res.result_path}", flush=True)
         daemon.demo_rc = 0 if res.status == "COMPLETED" else 1
     except Exception as exc:
@@ -135,6 +138,7 @@ def run_submit(args: argparse.Namespace) -> int:
     password = read_secret("--password-file", args.password_file).reveal() if args.password_file else DEV_PASSWORD
     res = submit_task(args.pool, args.path, args.user, password, memory_gb=args.memory_gb,
                       cpu_score=args.cpu_score, out_path=args.out, timeout_s=args.timeout,
+                      protocol=args.protocol,
                       on_output=lambda text: print(text, end="" if text.endswith("\n") else "\n", flush=True))
     print(f"task {res.task_id}: {res.status}" + (f"; result saved to {res.result_path}" if res.result_path else ""))
     return 0 if res.status == "COMPLETED" else 1

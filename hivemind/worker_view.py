@@ -44,6 +44,8 @@ class ViewState:
     metrics_backend: str = "psutil"
     grpc_auth_mode: str = "legacy"
     pool_tls: bool = False
+    pool_protocol: str = ""
+    pool_limitations: list[str] = field(default_factory=list)
     reported_status: str = ""
     machine: MachineSample = field(default_factory=MachineSample)
 
@@ -95,7 +97,9 @@ class WorkerView:
             pool=PoolInfo(address=self._pool_address, state=pool_state,
                           reported_status=self.state.reported_status,
                           last_heartbeat=s.last_heartbeat if s else None,
-                          heartbeat_failures=(0 if (s is None or s.connected) else s.heartbeat_failures)),
+                          heartbeat_failures=(0 if (s is None or s.connected) else s.heartbeat_failures),
+                          protocol=self.state.pool_protocol,
+                          protocol_limitations=list(self.state.pool_limitations)),
             executor=ExecutorInfo(
                 name=es.name if es.usable else "", usable=es.usable, reason=es.reason,
                 isolation=enf.isolation if enf else "",

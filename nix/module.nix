@@ -271,6 +271,11 @@ in
             default = "worker";
             description = "Pool account the worker logs in as.";
           };
+          pool.protocol = mkOption {
+            type = types.enum [ "2026-04" "2025-10" ];
+            default = "2026-04";
+            description = "Protocol generation the pool speaks; the worker checks it against the pool at start.";
+          };
           server.advertise_host = mkOption {
             type = types.str;
             default = "";

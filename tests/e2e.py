@@ -1,5 +1,6 @@
 """Harness for end-to-end tests: a real development pool on loopback and a real worker daemon
-process (`python -m hivemind run`), talking gRPC over real sockets."""
+process (`python -m hivemind run`), talking gRPC over real sockets, in either pool protocol
+generation (the pool's `protocol` decides; the worker's config follows it)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ import yaml
 
 from hivemind.devpool.server import DevPool
 from hivemind.devpool.testing import free_port, task_zip, wait_for
+from hivemind.devpool.userclient import user_client
 
 from statedir import state_root
+
+GENERATIONS = ("2026-04", "2025-10")
 
 WORKER_HOST = "127.0.0.2"   # the pool skips nodes that advertise exactly 127.0.0.1
 WORKER_PASSWORD = "worker-pw-e2e-7f3a9c"
@@ -33,9 +37,9 @@ DEV_PASSWORD = "dev-pw-e2e-51b2"
 STATE_DIRS: list[Path] = []
 
 
-def make_pool(spool: Path, port: int = 0) -> DevPool:
+def make_pool(spool: Path, port: int = 0, protocol: str = "2026-04", **kw: Any) -> DevPool:
     pool = DevPool("127.0.0.1", port, users={"dev": DEV_PASSWORD, "worker": WORKER_PASSWORD},
-                   dispatch_interval_s=0.2, spool_dir=spool)
+                   dispatch_interval_s=0.2, spool_dir=spool, protocol=protocol, **kw)
     pool.start()
     return pool
 
@@ -82,7 +86,7 @@ class WorkerProc:
 
 def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], *,
                         extra: dict[str, Any] | None = None, node_id: str = "e2e-node",
-                        state_prefix: str = "hivemind-e2e-") -> WorkerProc:
+                        state_prefix: str = "hivemind-e2e-", protocol: str = "2026-04") -> WorkerProc:
     """`node_id`: a unique one keeps other test runs on this machine (which clean up the
     containers labelled with their node) away from this worker's containers."""
     # The venv executor runs tasks as `nobody`, which must be able to reach the state directory;
@@ -99,7 +103,7 @@ def write_worker_config(tmp: Path, pool_address: str, executor: dict[str, Any], 
     cfg: dict[str, Any] = {
         "node": {"id": node_id, "state_dir": str(state)},
         "pool": {"address": pool_address, "username": "worker", "password_file": str(pw),
-                 "heartbeat_interval_s": 0.5, "call_timeout_s": 5},
+                 "heartbeat_interval_s": 0.5, "call_timeout_s": 5, "protocol": protocol},
         "server": {"listen_host": WORKER_HOST, "port": grpc_port, "advertise_host": WORKER_HOST,
                    "auth": {"mode": "legacy", "legacy_allowed_peers": ["127.0.0.0/8"]}},
         "executor": {"slots": 2, "stop_grace_s": 2, **executor},
@@ -135,31 +139,21 @@ def _raise(w: WorkerProc) -> bool:
 def upload(pool: DevPool, files: dict[str, str] | bytes, task_id: str, memory_gb: int = 1,
            cpu_score: int = 0) -> None:
     """Queue a task in the pool through its real gRPC API, as a user would."""
-    import grpc
-
-    from hivemind._proto import nodepool_pb2 as pb
-    from hivemind._proto import nodepool_pb2_grpc as pbg
-
     data = files if isinstance(files, bytes) else task_zip(files)
-    with grpc.insecure_channel(pool.address) as ch:
-        token = pbg.UserServiceStub(ch).Login(pb.LoginRequest(username="dev", password=DEV_PASSWORD)).token
-        md = [("authorization", f"Bearer {token}")]
-        resp = pbg.MasterNodeServiceStub(ch).UploadTask(
-            pb.UploadTaskRequest(task_id=task_id, task_zip=data, memory_gb=memory_gb, cpu_score=cpu_score,
-                                 token=token), metadata=md)
-        assert resp.success, resp.message
+    with user_client(pool.protocol, pool.address, "dev", DEV_PASSWORD) as c:
+        ok, message = c.upload(task_id, data, memory_gb=memory_gb, cpu_score=cpu_score)
+        assert ok, message
 
 
-def stop_via_pool(pool: DevPool, task_id: str) -> Any:
-    import grpc
+@dataclass(frozen=True)
+class Reply:
+    success: bool
+    message: str
 
-    from hivemind._proto import nodepool_pb2 as pb
-    from hivemind._proto import nodepool_pb2_grpc as pbg
 
-    with grpc.insecure_channel(pool.address) as ch:
-        token = pbg.UserServiceStub(ch).Login(pb.LoginRequest(username="dev", password=DEV_PASSWORD)).token
-        md = [("authorization", f"Bearer {token}")]
-        return pbg.MasterNodeServiceStub(ch).StopTask(pb.StopTaskRequest(task_id=task_id, token=token), metadata=md)
+def stop_via_pool(pool: DevPool, task_id: str) -> Reply:
+    with user_client(pool.protocol, pool.address, "dev", DEV_PASSWORD) as c:
+        return Reply(*c.stop(task_id))
 
 
 def result_of(pool: DevPool, task_id: str, timeout: float = 120) -> zipfile.ZipFile:

@@ -28,6 +28,7 @@ import pytest
 from hivemind.faults import ENV as FAULTS_ENV
 
 from e2e import (
+    GENERATIONS,
     WorkerProc,
     free_port,
     make_pool,
@@ -99,8 +100,8 @@ def status(w: WorkerProc) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory):
-    p = make_pool(tmp_path_factory.mktemp("spool"))
+def pool(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    p = make_pool(tmp_path_factory.mktemp("spool"), protocol=getattr(request, "param", "2026-04"))
     yield p
     p.stop()
 
@@ -121,13 +122,16 @@ def _died(w: WorkerProc) -> bool:
     raise AssertionError(f"worker died:\n{w.log()[-4000:]}")
 
 
-@pytest.mark.parametrize("executor", [
-    "venv", pytest.param("podman", marks=pytest.mark.podman)])
+# Both pool protocol generations (2025-10: StoreLogs, ReturnTaskResult + TaskCompleted); Podman
+# with 2026-04 only, the executor part being the same whatever the generation.
+@pytest.mark.parametrize("executor,pool", [
+    ("venv", "2026-04"), ("venv", "2025-10"), pytest.param("podman", "2026-04", marks=pytest.mark.podman)],
+    indirect=["pool"])
 def test_kill_at_every_fault_point_loses_nothing(tmp_path: Path, pool, executor: str) -> None:
     run = uuid.uuid4().hex[:8]
     ids = {point: f"df-{executor}-{point.replace('_', '-')}-{run}" for point in POINTS}
     w = write_worker_config(tmp_path, pool.address, EXECUTORS[executor], state_prefix=STATE_PREFIX,
-                            extra={"node": {"id": NODE}, **FLUSH})
+                            extra={"node": {"id": NODE}, **FLUSH}, protocol=pool.protocol)
 
     def arm(points: list[str]) -> None:
         # Each point fires once: a restarted worker is armed only with the points still ahead.
@@ -212,12 +216,13 @@ def check_delivered(w: WorkerProc, pool, tid: str, point: str, executor: str) ->
     return wrong
 
 
-def test_pool_away_during_the_last_lines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_pool_away_during_the_last_lines(tmp_path: Path, generation: str) -> None:
     """The task prints its last lines and ends while the pool is unreachable: once the pool is
     back, every line reaches it, in order and once, before the result."""
-    pool = make_pool(tmp_path / "spool", port=free_port())
+    pool = make_pool(tmp_path / "spool", port=free_port(), protocol=generation)
     w = write_worker_config(tmp_path, pool.address, {"kind": "venv"}, state_prefix=STATE_PREFIX,
-                            extra={"node": {"id": NODE}})
+                            extra={"node": {"id": NODE}}, protocol=generation)
     tid = f"away-lines-{uuid.uuid4().hex[:8]}"
     files = {"main.py": (
         "import time, pathlib\n"
@@ -258,12 +263,13 @@ def node_status(pool) -> str:
     return next((n.status for n in pool.nodes() if n.node_id == NODE), "")
 
 
-def test_busy_while_a_default_request_would_not_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_busy_while_a_default_request_would_not_fit(tmp_path: Path, generation: str) -> None:
     """Idle means a default request (one core) fits: with a task holding all but half a core,
     the pool sees the node as Busy although a slot and memory are free; Idle again after."""
-    pool = make_pool(tmp_path / "spool")
+    pool = make_pool(tmp_path / "spool", protocol=generation)
     w = write_worker_config(tmp_path, pool.address, {"kind": "venv", "slots": 4},
-                            state_prefix=STATE_PREFIX, extra={"node": {"id": NODE}})
+                            state_prefix=STATE_PREFIX, extra={"node": {"id": NODE}}, protocol=generation)
     tid = f"most-cores-{uuid.uuid4().hex[:8]}"
     try:
         w.start()

@@ -1,7 +1,9 @@
 """End to end: a real development pool, a real worker daemon process, real gRPC sockets.
 
-submit → dispatch → run → output streams while the task runs → result; stop mid-task; kill -9
-and restart; the pool away while tasks finish; garbage from the pool."""
+submit → dispatch → run → output streams while the task runs → result; a failing task; ten tasks
+at once; a large result; stop mid-task; kill -9 and restart; the pool away while tasks finish;
+garbage from the pool. Every test runs once per pool protocol generation (2026-04, 2025-10):
+the development pool speaks it, the worker is configured for it."""
 
 from __future__ import annotations
 
@@ -15,10 +17,8 @@ import grpc
 import psutil
 import pytest
 
-from hivemind._proto import nodepool_pb2 as pb
-from hivemind._proto import nodepool_pb2_grpc as pbg
-
 from e2e import (
+    GENERATIONS,
     WORKER_HOST,
     free_port,
     make_pool,
@@ -56,15 +56,37 @@ def task_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture(params=GENERATIONS)
+def generation(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture()
-def pool(tmp_path: Path):
-    p = make_pool(tmp_path / "spool")
+def pool(tmp_path: Path, generation: str):
+    p = make_pool(tmp_path / "spool", protocol=generation)
     yield p
     p.stop()
 
 
+def bindings(generation: str):
+    if generation == "2025-10":
+        from hivemind._proto.v2025_10 import nodepool_pb2, nodepool_pb2_grpc
+    else:
+        from hivemind._proto.v2026_04 import nodepool_pb2, nodepool_pb2_grpc
+    return nodepool_pb2, nodepool_pb2_grpc
+
+
+def execute_request(generation: str, **kw):
+    """An ExecuteTaskRequest in the generation's own messages (2025-10: int32 cpu/gpu, node_id)."""
+    pb, _ = bindings(generation)
+    if generation == "2025-10":
+        kw = {{"cpu_usage": "cpu", "gpu_usage": "gpu"}.get(k, k): v for k, v in kw.items()}
+        kw.setdefault("node_id", "e2e-node")
+    return pb.ExecuteTaskRequest(**kw)
+
+
 def test_task_output_streams_while_running_and_result_returns(tmp_path: Path, pool) -> None:
-    w = write_worker_config(tmp_path, pool.address, VENV)
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
     with running_worker(w, pool):
         upload(pool, STREAMING_TASK, "stream-1")
         # The first line reaches the pool while the task still runs (before its last line).
@@ -84,11 +106,22 @@ def test_task_output_streams_while_running_and_result_returns(tmp_path: Path, po
         wait_for(lambda: json.loads(status_get(w, "/api/v1/tasks/stream-1"))["state"] == "done", 10,
                  "state done in the status API")
         assert body["task_id"] == "stream-1"
-        assert not list((w.state_dir / "tasks").iterdir()), "task files left after the result was delivered"
+        status = json.loads(status_get(w, "/api/v1/status"))
+        assert status["pool"]["protocol"] == pool.protocol
+        if pool.protocol == "2025-10":
+            limits = " ".join(status["pool"]["protocol_limitations"])
+            assert "RefreshToken" in limits and "chunked" in limits
+            # TaskCompleted told the pool the task succeeded, after ReturnTaskResult.
+            assert pool.task("stream-1").completed_success is True
+        else:
+            assert status["pool"]["protocol_limitations"] == []   # this pool offers chunked upload
+        # DONE is recorded just before the task's files are removed: give the removal a moment.
+        wait_for(lambda: not list((w.state_dir / "tasks").iterdir()), 10,
+                 "the task files removed after the result was delivered")
 
 
 def test_stop_mid_task_returns_a_partial_result(tmp_path: Path, pool) -> None:
-    w = write_worker_config(tmp_path, pool.address, VENV)
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
     marker = "hm-stop-marker-8812"
     files = {"run.sh": f"echo partial; echo kept > partial.txt; sleep 300 & sleep 301 # {marker}\nwait\n"}
     with running_worker(w, pool):
@@ -104,7 +137,7 @@ def test_stop_mid_task_returns_a_partial_result(tmp_path: Path, pool) -> None:
 
 
 def test_kill9_mid_task_then_restart_delivers_the_result(tmp_path: Path, pool) -> None:
-    w = write_worker_config(tmp_path, pool.address, VENV)
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
     marker = "hm-kill9-marker-3391"
     files = {"run.sh": f"echo started\nsleep 4 # {marker}\necho finished > done.txt\necho end\n"}
     w.start()
@@ -128,10 +161,10 @@ def test_kill9_mid_task_then_restart_delivers_the_result(tmp_path: Path, pool) -
     assert "reattach" in w.log() or "restarted" in w.log()
 
 
-def test_results_survive_the_pool_being_away(tmp_path: Path) -> None:
+def test_results_survive_the_pool_being_away(tmp_path: Path, generation: str) -> None:
     # A fixed port, so the pool comes back where the worker looks for it (same object, same state).
-    pool = make_pool(tmp_path / "spool", port=free_port())
-    w = write_worker_config(tmp_path, pool.address, VENV)
+    pool = make_pool(tmp_path / "spool", port=free_port(), protocol=generation)
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
     away_s = float(os.environ.get("HIVEMIND_POOL_AWAY_S", "60"))
     try:
         with running_worker(w, pool):
@@ -150,19 +183,21 @@ def test_results_survive_the_pool_being_away(tmp_path: Path) -> None:
         pool.stop()
 
 
-def worker_stub(w) -> pbg.WorkerNodeServiceStub:
+def worker_stub(w, generation: str):
     ch = grpc.insecure_channel(f"{WORKER_HOST}:{w.grpc_port}",
                                options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    return pbg.WorkerNodeServiceStub(ch)
+    return bindings(generation)[1].WorkerNodeServiceStub(ch)
 
 
 def test_garbage_from_the_pool_gets_clear_refusals_and_the_worker_keeps_serving(tmp_path: Path, pool) -> None:
-    w = write_worker_config(tmp_path, pool.address, VENV, extra={"server": {"max_message_mb": 2}})
+    w = write_worker_config(tmp_path, pool.address, VENV, extra={"server": {"max_message_mb": 2}},
+                            protocol=pool.protocol)
     with running_worker(w, pool):
-        stub = worker_stub(w)
+        stub = worker_stub(w, pool.protocol)
+        pb, _ = bindings(pool.protocol)
 
         def ex(**kw):
-            return stub.ExecuteTask(pb.ExecuteTaskRequest(**kw), timeout=10)
+            return stub.ExecuteTask(execute_request(pool.protocol, **kw), timeout=10)
 
         good = task_zip({"main.py": "print('fine')"})
         r = ex(task_id="g1", task_zip=b"this is not a zip")
@@ -171,8 +206,9 @@ def test_garbage_from_the_pool_gets_clear_refusals_and_the_worker_keeps_serving(
         assert not r.success and ".." in r.message
         r = ex(task_id="g3", task_zip=good, memory_gb=1_000_000)
         assert not r.success and "memory" in r.message.lower()
-        r = ex(task_id="g4", task_zip=good, cpu_usage=math.nan)
-        assert not r.success
+        # 2025-10's scores are int32: no NaN on the wire there, but a negative score is possible.
+        r = ex(task_id="g4", task_zip=good, cpu_usage=math.nan if pool.protocol == "2026-04" else -5)
+        assert not r.success and "score" in r.message
         r = ex(task_id="../../etc/passwd", task_zip=good)
         assert not r.success and "task id" in r.message.lower()
         r = ex(task_id="g5", task_zip=b"")
@@ -193,7 +229,7 @@ def test_garbage_from_the_pool_gets_clear_refusals_and_the_worker_keeps_serving(
 def test_known_secrets_reach_no_log_status_error_or_result(tmp_path: Path, pool) -> None:
     from e2e import WORKER_PASSWORD
 
-    w = write_worker_config(tmp_path, pool.address, VENV)
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
     pw_file = tmp_path / "pool-password"
     probe = {
         "main.py": (
@@ -220,8 +256,8 @@ def test_known_secrets_reach_no_log_status_error_or_result(tmp_path: Path, pool)
             status_get(w, p)
             for p in ("/api/v1/status", "/api/v1/tasks", "/api/v1/tasks/secret-1", "/metrics"))
         # A refusal (error message) after a run with secrets set.
-        stub = worker_stub(w)
-        refusal = stub.ExecuteTask(pb.ExecuteTaskRequest(task_id="bad id!", task_zip=b"x"), timeout=10)
+        stub = worker_stub(w, pool.protocol)
+        refusal = stub.ExecuteTask(execute_request(pool.protocol, task_id="bad id!", task_zip=b"x"), timeout=10)
         assert not refusal.success
         result_bytes = b"".join(z.read(n) for n in z.namelist())
         # Files the worker wrote with secrets in them would have to be 0600; it writes none.
@@ -240,7 +276,7 @@ def test_sighup_reloads_valid_config_and_refuses_an_invalid_one(tmp_path: Path, 
 
     import yaml
 
-    w = write_worker_config(tmp_path, pool.address, VENV)
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
     with running_worker(w, pool):
         cfg = yaml.safe_load(w.config_path.read_text())
         cfg["executor"]["task_timeout_s"] = 123
@@ -258,3 +294,81 @@ def test_sighup_reloads_valid_config_and_refuses_an_invalid_one(tmp_path: Path, 
         upload(pool, {"main.py": "print('still serving')"}, "after-reload")
         z = result_of(pool, "after-reload")
         assert json.loads(z.read("_hivemind/execution.json"))["exit_code"] == 0
+
+
+def test_a_failing_task_reports_its_exit_code(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    with running_worker(w, pool):
+        upload(pool, {"main.py": "import sys\nprint('about to fail', flush=True)\nsys.exit(7)\n"}, "fail-1")
+        z = result_of(pool, "fail-1")
+        record = json.loads(z.read("_hivemind/execution.json"))
+        assert record["exit_code"] == 7 and record["status"] == "failed", record
+        assert "about to fail" in pool.task("fail-1").output
+        if pool.protocol == "2025-10":
+            # ReturnTaskResult completed the task; TaskCompleted then told the pool it failed.
+            wait_for(lambda: pool.task("fail-1").completed_success is False, 10, "TaskCompleted(success=false)")
+
+
+def test_ten_tasks_at_once_each_run_once(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    ids = [f"many-{i}" for i in range(10)]
+    with running_worker(w, pool):
+        for tid in ids:
+            upload(pool, {"main.py": f"print('hello from {tid}')\nopen('id.txt', 'w').write('{tid}')\n"}, tid)
+        for tid in ids:
+            z = result_of(pool, tid, timeout=180)
+            assert z.read("id.txt") == tid.encode()
+            assert json.loads(z.read("_hivemind/execution.json"))["exit_code"] == 0
+            t = pool.task(tid)
+            assert f"hello from {tid}" in t.output
+            assert t.execute_calls >= 1
+        if pool.protocol == "2025-10":
+            wait_for(lambda: all(pool.task(t).completed_success is True for t in ids), 10, "TaskCompleted for all")
+
+
+def test_a_large_result_arrives_whole(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    size = 24 * 1024 * 1024
+    task = {"main.py": f"import os\nwith open('big.bin', 'wb') as f:\n    f.write(os.urandom({size}))\n"
+                       "import hashlib\nprint(hashlib.sha256(open('big.bin', 'rb').read()).hexdigest())\n"}
+    with running_worker(w, pool):
+        upload(pool, task, "large-1")
+        z = result_of(pool, "large-1", timeout=180)
+        data = z.read("big.bin")
+        assert len(data) == size
+        import hashlib
+
+        assert hashlib.sha256(data).hexdigest() in pool.task("large-1").output
+
+
+def test_usage_reaches_the_pool_while_the_task_runs(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    task = {"main.py": "import time\nblob = bytearray(64 * 1024 * 1024)\nprint('holding', flush=True)\n"
+                       "time.sleep(5)\nprint(len(blob))\n"}
+    with running_worker(w, pool):
+        upload(pool, task, "usage-1")
+        t = wait_for(lambda: (x := pool.task("usage-1")) and x.usage_reports > 0 and x.memory_usage > 0 and x,
+                     60, "a usage report at the pool")
+        if pool.protocol == "2025-10":
+            # RESOURCE_USAGE's memory_mb: the task holds 64 MiB.
+            assert 32 < t.memory_usage < 4096, t.memory_usage
+        result_of(pool, "usage-1")
+
+
+def test_sigterm_drains_the_running_task_and_leaves_the_node_not_idle(tmp_path: Path, pool) -> None:
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    w.start()
+    try:
+        wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()), 60,
+                 "registration")
+        upload(pool, {"run.sh": "echo begun\nsleep 3\necho drained > drained.txt\necho done\n"}, "drain-1")
+        wait_for(lambda: (x := pool.task("drain-1")) and "begun" in x.output, 60, "the task to run")
+        assert w.terminate(timeout=60) == 0, w.log()[-3000:]
+    finally:
+        if w.alive():
+            w.kill9()
+    # The task finished during the drain and its result went out before the worker exited.
+    z = result_of(pool, "drain-1", timeout=5)
+    assert z.read("drained.txt") == b"drained\n"
+    node = next(n for n in pool.nodes() if n.node_id == "e2e-node")
+    assert node.status != "Idle", "a stopped worker must not be left Idle at the pool"

@@ -52,15 +52,17 @@ def no_leaked_podman_service():
 
 
 @pytest.fixture()
-def pool(tmp_path: Path):
-    p = make_pool(tmp_path / "spool")
+def pool(tmp_path: Path, request: pytest.FixtureRequest):
+    p = make_pool(tmp_path / "spool", protocol=getattr(request, "param", "2026-04"))
     yield p
     p.stop()
 
 
-@pytest.mark.parametrize("mode", ["rootless", "rootful"])
+@pytest.mark.parametrize("mode,pool", [("rootless", "2026-04"), ("rootful", "2026-04"), ("rootful", "2025-10")],
+                         indirect=["pool"])
 def test_task_runs_in_a_container_and_streams(tmp_path: Path, pool, mode: str) -> None:
-    w = write_worker_config(tmp_path, pool.address, {"kind": "podman", "podman": {"mode": mode}})
+    w = write_worker_config(tmp_path, pool.address, {"kind": "podman", "podman": {"mode": mode}},
+                            protocol=pool.protocol)
     files = {"main.py": ("import os, time, numpy\n"
                          "print('in container', os.getuid(), flush=True)\n"
                          "time.sleep(2)\n"

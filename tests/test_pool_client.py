@@ -15,9 +15,10 @@ from hivemind._proto import nodepool_pb2 as pb
 from hivemind._proto import nodepool_pb2_grpc as pbg
 from hivemind.config import parse_config
 from hivemind.pool.backoff import Backoff
-from hivemind.pool.client import NodeInfo, NodeStatus, PoolCallFailed, PoolClient, PoolRefused
+from hivemind.pool.client import NodeInfo, NodeStatus, PoolCallFailed, PoolRefused
 from hivemind.pool.session import PoolSession
 from hivemind.pool.token import token_expiry
+from hivemind.pool.v2026_04 import Pool2026 as PoolClient
 from hivemind.secrets import Secret
 
 from e2e import WORKER_PASSWORD, free_port, make_pool, upload, wait_for
@@ -70,9 +71,11 @@ def test_token_renewed_before_expiry(tmp_path: Path) -> None:
     p = DevPool("127.0.0.1", 0, users={"worker": WORKER_PASSWORD}, token_ttl_s=30, spool_dir=tmp_path / "s")
     p.start()
     try:
-        # With a margin larger than the token's life, every use renews it through RefreshToken.
+        # The margin is capped at half the token's life (15 s here), so renewal waits for it.
         c = client_for(p.address, token_refresh_margin_s=60)
         first = c.token()
+        assert c.token() == first
+        c._renew_at = time.time() - 1   # due now
         time.sleep(1.1)  # JWT exp has one-second resolution
         second = c.token()
         assert first != second
@@ -115,8 +118,7 @@ def test_falls_back_to_single_message_when_pool_has_no_extension(tmp_path: Path)
     server.start()
     try:
         c = client_for(f"127.0.0.1:{port}", max_result_message_mb=1)
-        c._token = "header.eyJleHAiOiA5OTk5OTk5OTk5fQ.sig"  # skip Login: this pool has no UserService
-        c._token_exp = 9999999999.0
+        c._set_token("header.eyJleHAiOiA5OTk5OTk5OTk5fQ.sig")  # skip Login: this pool has no UserService
         small = tmp_path / "small.zip"
         small.write_bytes(b"PK-small")
         c.upload_result("t1", small)

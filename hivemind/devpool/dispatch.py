@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from hivemind._proto import nodepool_pb2, nodepool_pb2_grpc
+from hivemind._proto.v2026_04 import nodepool_pb2, nodepool_pb2_grpc
 from hivemind.devpool.state import Node, PoolState, PoolTimings, Task
 
 # The generated stubs are untyped; a typed-as-Any alias keeps mypy strict elsewhere.
@@ -51,6 +51,31 @@ def pick_node(nodes: Sequence[Node], task: Task, now: float, timings: PoolTiming
     return max(eligible, key=lambda n: n.last_heartbeat, default=None)
 
 
+class WorkerCalls(Protocol):
+    """The pool's two calls to a worker, in one protocol generation's messages."""
+
+    def execute(self, channel: grpc.Channel, task: Task, node: Node, timeout: float) -> tuple[bool, str]: ...
+
+    def stop(self, channel: grpc.Channel, task_id: str, timeout: float) -> tuple[bool, str]: ...
+
+
+class Calls2026:
+    """ExecuteTask{task_id, task_zip, cpu_usage, gpu_usage, memory_gb, gpu_memory_gb} (2026-04)."""
+
+    def execute(self, channel: grpc.Channel, task: Task, node: Node, timeout: float) -> tuple[bool, str]:
+        request = nodepool_pb2.ExecuteTaskRequest(
+            task_id=task.task_id, task_zip=task.zip_path.read_bytes(),
+            cpu_usage=float(task.cpu_score), gpu_usage=float(task.gpu_score),
+            memory_gb=task.memory_gb, gpu_memory_gb=task.gpu_memory_gb)
+        reply = _nodepool_grpc.WorkerNodeServiceStub(channel).ExecuteTask(request, timeout=timeout)
+        return bool(reply.success), str(reply.message)
+
+    def stop(self, channel: grpc.Channel, task_id: str, timeout: float) -> tuple[bool, str]:
+        reply = _nodepool_grpc.WorkerNodeServiceStub(channel).StopTaskExecution(
+            nodepool_pb2.StopTaskExecutionRequest(task_id=task_id), timeout=timeout)
+        return bool(reply.success), str(reply.message)
+
+
 class WorkerDialer:
     """Opens a channel to a worker for one call, plaintext unless credentials are configured."""
 
@@ -71,7 +96,7 @@ class Dispatcher:
 
     def __init__(self, state: PoolState, dialer: WorkerDialer, *, interval_s: float,
                  timings: PoolTimings, clock: Callable[[], float], logger: logging.Logger,
-                 overwrite_late_running: bool = True) -> None:
+                 overwrite_late_running: bool = True, worker_calls: WorkerCalls | None = None) -> None:
         self._state = state
         self._dialer = dialer
         self._interval = interval_s
@@ -79,6 +104,7 @@ class Dispatcher:
         self._clock = clock
         self._log = logger
         self._overwrite = overwrite_late_running
+        self._calls: WorkerCalls = worker_calls or Calls2026()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Rounds from the loop and from tests must not interleave (one task, one call at a time).
@@ -116,22 +142,17 @@ class Dispatcher:
                     self._execute(task, node)
 
     def _execute(self, task: Task, node: Node) -> None:
-        request = nodepool_pb2.ExecuteTaskRequest(
-            task_id=task.task_id, task_zip=task.zip_path.read_bytes(),
-            cpu_usage=float(task.cpu_score), gpu_usage=float(task.gpu_score),
-            memory_gb=task.memory_gb, gpu_memory_gb=task.gpu_memory_gb)
         self._state.count_execute_call(task.task_id)
         try:
             with self._dialer.channel(node.address) as channel:
-                stub = _nodepool_grpc.WorkerNodeServiceStub(channel)
-                reply = stub.ExecuteTask(request, timeout=execute_deadline_s(task.zip_size))
+                success, message = self._calls.execute(channel, task, node, execute_deadline_s(task.zip_size))
         except grpc.RpcError as err:
             self._log.warning("ExecuteTask %s on node %s failed: %s", task.task_id, node.node_id,
                               err.code())
             return
-        if not reply.success:
+        if not success:
             self._log.info("node %s declined task %s: %s", node.node_id, task.task_id,
-                           reply.message[:200])
+                           message[:200])
             return
         # Only now, after ExecuteTask returned, like the existing pool (whose late RUNNING can
         # overwrite a result uploaded meanwhile).
@@ -149,10 +170,6 @@ class Dispatcher:
         self._state.count_stop_call(task.task_id)
         try:
             with self._dialer.channel(node.address) as channel:
-                stub = _nodepool_grpc.WorkerNodeServiceStub(channel)
-                reply = stub.StopTaskExecution(
-                    nodepool_pb2.StopTaskExecutionRequest(task_id=task.task_id),
-                    timeout=STOP_DEADLINE_S)
+                return self._calls.stop(channel, task.task_id, STOP_DEADLINE_S)
         except grpc.RpcError as err:
             return False, f"Worker unreachable: {err.code().name}"
-        return bool(reply.success), str(reply.message)

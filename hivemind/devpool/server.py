@@ -1,7 +1,8 @@
-"""The development node pool: the POOL side of proto/nodepool.proto, on the wire like the existing
-pool (shared/PROTOCOL.md), plus the chunked result upload of proto/hivemind_ext.proto.
+"""The development node pool: the POOL side of proto/v2026_04/nodepool.proto, on the wire like the
+existing pool (shared/PROTOCOL.md), plus the chunked result upload of proto/hivemind_ext.proto;
+or, with `protocol="2025-10"`, the pool of that generation (`v2025_10.py`).
 
-Faithful quirks, kept on purpose because the worker is developed against this pool:
+Faithful quirks of 2026-04, kept on purpose because the worker is developed against this pool:
 - every call but Login needs metadata `authorization: Bearer <JWT>`; without a valid one the call
   fails INTERNAL "Exception deserializing request!" (the existing pool's answer);
 - a `token` request field, when not empty, must hold a valid token too (it names the caller);
@@ -24,9 +25,16 @@ from typing import Any, BinaryIO, cast
 
 import grpc
 
-from hivemind._proto import hivemind_ext_pb2, hivemind_ext_pb2_grpc, nodepool_pb2, nodepool_pb2_grpc
-from hivemind.devpool import jwt
-from hivemind.devpool.dispatch import MAX_MESSAGE, CredentialsFactory, Dispatcher, WorkerDialer
+from hivemind._proto import hivemind_ext_pb2, hivemind_ext_pb2_grpc
+from hivemind._proto.v2026_04 import nodepool_pb2, nodepool_pb2_grpc
+from hivemind.devpool import jwt, v2025_10
+from hivemind.devpool.dispatch import (
+    MAX_MESSAGE,
+    CredentialsFactory,
+    Dispatcher,
+    WorkerCalls,
+    WorkerDialer,
+)
 from hivemind.devpool.state import COMPLETED, Node, PoolState, PoolTimings, Task
 
 # The generated registration helpers are untyped; one typed-as-Any alias each keeps mypy strict.
@@ -135,6 +143,7 @@ class UserServicer(nodepool_pb2_grpc.UserServiceServicer):
     def Login(self, request: Any, context: grpc.ServicerContext) -> Any:
         if not self._c.state.check_password(request.username, request.password):
             return nodepool_pb2.LoginResponse(success=False, message="Invalid username or password")
+        self._c.state.count("login")
         return nodepool_pb2.LoginResponse(success=True, message="Login successful",
                                           token=self._c.issuer.issue(request.username))
 
@@ -142,7 +151,10 @@ class UserServicer(nodepool_pb2_grpc.UserServiceServicer):
         try:
             user = self._c.issuer.username(request.old_token)
         except jwt.InvalidToken as err:
+            self._c.state.count("refresh_rejected")
             return nodepool_pb2.RefreshTokenResponse(success=False, message=str(err))
+        self._c.state.count("refresh")
+        self._c.state.renewed(request.old_token)
         return nodepool_pb2.RefreshTokenResponse(success=True, message="Token refreshed",
                                                  new_token=self._c.issuer.issue(user))
 
@@ -383,7 +395,10 @@ class DevPool:
                  server_credentials: grpc.ServerCredentials | None = None,
                  spool_dir: Path | None = None, jwt_key: bytes | None = None,
                  max_result_bytes: int = 4 * 1024 ** 3,
-                 overwrite_late_running: bool = True) -> None:
+                 overwrite_late_running: bool = True, protocol: str = "2026-04") -> None:
+        if protocol not in ("2026-04", "2025-10"):
+            raise ValueError(f"protocol must be 2026-04 or 2025-10, not {protocol!r}")
+        self.protocol = protocol
         self._host = host
         self._port = port
         self._log = logger or logging.getLogger("hivemind.devpool")
@@ -394,29 +409,38 @@ class DevPool:
         self.state = PoolState(spool, clock)
         for name, password in (users or {}).items():
             self.state.add_user(name, password)
-        self.issuer = TokenIssuer(jwt_key or secrets.token_bytes(32), token_ttl_s, clock)
+        key = jwt_key or secrets.token_bytes(32)
+        self.issuer = TokenIssuer(key, token_ttl_s, clock)
+        self.issuer_2025 = v2025_10.TokenIssuer2025(key, token_ttl_s, clock)
+        calls: WorkerCalls | None = v2025_10.Calls2025() if protocol == "2025-10" else None
+        default_timings = v2025_10.TIMINGS if protocol == "2025-10" else PoolTimings()
         self.dispatcher = Dispatcher(
             self.state, WorkerDialer(channel_credentials, channel_options),
-            interval_s=dispatch_interval_s, timings=timings or PoolTimings(), clock=clock,
-            logger=self._log, overwrite_late_running=overwrite_late_running)
+            interval_s=dispatch_interval_s, timings=timings or default_timings, clock=clock,
+            logger=self._log, overwrite_late_running=overwrite_late_running, worker_calls=calls)
         self._max_result = max_result_bytes
         self._server: grpc.Server | None = None
         self._bound = 0
 
     def start(self) -> int:
         """Bind and serve; returns the bound port."""
+        old = self.protocol == "2025-10"
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="devpool-rpc"),
-            interceptors=[BearerAuthInterceptor(self.issuer)],
+            # The 2025-10 pool has no authentication interceptor.
+            interceptors=[] if old else [BearerAuthInterceptor(self.issuer)],
             options=[("grpc.max_send_message_length", MAX_MESSAGE),
                      ("grpc.max_receive_message_length", MAX_MESSAGE)])
-        calls = _Calls(self.state, self.issuer, self._log)
-        _nodepool_grpc.add_UserServiceServicer_to_server(UserServicer(calls), server)
-        _nodepool_grpc.add_NodeManagerServiceServicer_to_server(NodeManagerServicer(calls), server)
-        _nodepool_grpc.add_MasterNodeServiceServicer_to_server(MasterServicer(calls, self.dispatcher), server)
-        _nodepool_grpc.add_WorkerNodeServiceServicer_to_server(WorkerSideServicer(calls), server)
-        _ext_grpc.add_ResultTransferServicer_to_server(
-            ResultTransferServicer(calls, self._max_result), server)
+        if old:
+            v2025_10.add_servicers(server, self.state, self.issuer_2025, self.dispatcher, self._log)
+        else:
+            calls = _Calls(self.state, self.issuer, self._log)
+            _nodepool_grpc.add_UserServiceServicer_to_server(UserServicer(calls), server)
+            _nodepool_grpc.add_NodeManagerServiceServicer_to_server(NodeManagerServicer(calls), server)
+            _nodepool_grpc.add_MasterNodeServiceServicer_to_server(MasterServicer(calls, self.dispatcher), server)
+            _nodepool_grpc.add_WorkerNodeServiceServicer_to_server(WorkerSideServicer(calls), server)
+            _ext_grpc.add_ResultTransferServicer_to_server(
+                ResultTransferServicer(calls, self._max_result), server)
         target = f"{self._host}:{self._port}"
         if self._server_credentials is None:
             self._bound = server.add_insecure_port(target)
@@ -425,7 +449,7 @@ class DevPool:
         server.start()
         self._server = server
         self.dispatcher.start()
-        self._log.info("development pool listening on %s", self.address)
+        self._log.info("development pool (protocol %s) listening on %s", self.protocol, self.address)
         return self._bound
 
     @property

@@ -14,6 +14,7 @@ Task states, as the existing pool uses them:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hmac
 import shutil
@@ -107,6 +108,8 @@ class Task:
     stop_calls: int = 0
     result_uploads: int = 0         # results stored (a resend after a worker crash counts again)
     output_chunks: int = 0          # TaskOutputUpload calls accepted
+    completed_success: bool | None = None   # 2025-10's TaskCompleted{success}
+    usage_reports: int = 0
 
 
 class PoolState:
@@ -119,6 +122,36 @@ class PoolState:
         self._users: dict[str, User] = {}
         self._nodes: dict[str, Node] = {}
         self._tasks: dict[str, Task] = {}
+        # Calls by kind ("login", "refresh", "refresh_rejected"), and tokens already renewed.
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._renewed: set[str] = set()
+
+    # -- counters --------------------------------------------------------------------------
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.counters[what] += 1
+
+    def renewed(self, token: str) -> bool:
+        """Record that `token` was renewed; True if it had been renewed before."""
+        with self._lock:
+            again = token in self._renewed
+            self._renewed.add(token)
+            if again:
+                self.counters["renewed_twice"] += 1
+            return again
+
+    def task_completed(self, task_id: str, success: bool) -> str:
+        """2025-10's TaskCompleted: "" when it completed the task, else why not."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return "Task not found"
+            already = task.status == COMPLETED
+            task.completed_success = success
+            if not already:
+                task.status = COMPLETED if success else FAILED
+            return "Task already completed" if already else ""
 
     # -- spool -----------------------------------------------------------------------------
 
@@ -277,6 +310,7 @@ class PoolState:
                 return False
             task.cpu_usage, task.memory_usage = cpu, mem
             task.gpu_usage, task.gpu_memory_usage = gpu, gpu_mem
+            task.usage_reports += 1
             return True
 
     def store_result(self, task_id: str, spooled: Path, size: int) -> bool:

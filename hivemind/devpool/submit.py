@@ -1,7 +1,9 @@
 """The `submit` client: upload a task to a pool, follow its output, save its result archive.
 
-It speaks only the classic user calls (Login, UploadTask, GetAllUserTasks, GetTasklog,
-GetTaskResult, RefreshToken), so it works against the existing pool as well as the dev pool.
+It speaks only the classic user calls of the pool's protocol generation (`userclient.py`:
+2026-04 Login, UploadTask, GetAllUserTasks, GetTasklog, GetTaskResult, RefreshToken; 2025-10
+Login, UploadTask, PollTaskStatus, GetTaskLogs, GetTaskResult), so it works against existing
+pools of either generation as well as the dev pool.
 The pool keeps only the last ~10 KiB of output; `new_output` finds what a poll added to that
 sliding window, so a fast writer between two polls can lose lines, never duplicate them.
 """
@@ -22,21 +24,12 @@ from typing import Any
 
 import grpc
 
-from hivemind._proto import nodepool_pb2, nodepool_pb2_grpc
-from hivemind.devpool import jwt
 from hivemind.devpool.state import COMPLETED, FAILED
-from hivemind.errors import HivemindError
+from hivemind.devpool.userclient import CALL_TIMEOUT_S, SubmitError, UserClient, user_client
 from hivemind.secrets import Secret, read_secret
 
-_grpc: Any = nodepool_pb2_grpc  # untyped generated stubs
-MAX_MESSAGE = 1024 * 1024 * 1024
-CALL_TIMEOUT_S = 30.0
-REFRESH_MARGIN_S = 300.0
 TERMINAL = (COMPLETED, FAILED)
-
-
-class SubmitError(HivemindError):
-    """Submitting or following a task failed; the message is safe to print."""
+__all__ = ["SubmitError", "SubmitResult", "submit_task"]
 
 
 @dataclass(frozen=True)
@@ -88,72 +81,6 @@ def new_output(previous: str, current: str) -> str:
     return current
 
 
-class _Session:
-    """A logged-in channel that renews its token shortly before it expires."""
-
-    def __init__(self, address: str, username: str, password: str,
-                 credentials: grpc.ChannelCredentials | None) -> None:
-        options = [("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE)]
-        self.channel = (grpc.insecure_channel(address, options=options) if credentials is None
-                        else grpc.secure_channel(address, credentials, options=options))
-        self.users = _grpc.UserServiceStub(self.channel)
-        self.master = _grpc.MasterNodeServiceStub(self.channel)
-        self._username, self._password = username, password
-        self.token = ""
-        self._exp = 0.0
-        self._login()
-
-    def _login(self) -> None:
-        reply = self._call(self.users.Login, nodepool_pb2.LoginRequest(
-            username=self._username, password=self._password), authenticated=False)
-        if not reply.success:
-            raise SubmitError(f"login as {self._username!r} failed: {reply.message}")
-        self._adopt(reply.token)
-
-    def _adopt(self, token: str) -> None:
-        self.token = token
-        try:
-            self._exp = float(jwt.unverified_claims(token).get("exp", 0))
-        except (jwt.InvalidToken, TypeError, ValueError):
-            self._exp = 0.0  # unknown expiry: never refresh early, log in again on rejection
-
-    def _renew_if_due(self) -> None:
-        if not self._exp or self._exp - time.time() > REFRESH_MARGIN_S:
-            return
-        reply = self._call(self.users.RefreshToken,
-                           nodepool_pb2.RefreshTokenRequest(old_token=self.token))
-        if reply.success:
-            self._adopt(reply.new_token)
-        else:
-            self._login()
-
-    def call(self, method: Any, request: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
-        self._renew_if_due()
-        return self._call(method, request, timeout=timeout)
-
-    def _call(self, method: Any, request: Any, *, authenticated: bool = True,
-              timeout: float = CALL_TIMEOUT_S) -> Any:
-        metadata = [("authorization", f"Bearer {self.token}")] if authenticated else None
-        try:
-            return method(request, metadata=metadata, timeout=timeout)
-        except grpc.RpcError as err:
-            # details() of a pool error never holds our token; the code says what kind of failure.
-            raise SubmitError(f"pool call failed: {err.code().name}: {err.details()}") from None
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-def _task_status(session: _Session, task_id: str) -> tuple[str, str]:
-    reply = session.call(session.master.GetAllUserTasks,
-                         nodepool_pb2.GetAllUserTasksRequest(token=session.token))
-    for info in reply.tasks:
-        if info.task_id == task_id:
-            return str(info.status), str(info.message)
-    return "", ""
-
-
 def _stdout_writer(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -165,6 +92,7 @@ def submit_task(pool_address: str, path: Path, username: str, password: str | Se
                 timeout_s: float = 3600.0, on_output: Callable[[str], None] | None = None,
                 poll_interval_s: float = 1.0, task_id: str | None = None,
                 channel_credentials: grpc.ChannelCredentials | None = None,
+                protocol: str = "2026-04",
                 clock: Callable[[], float] = time.monotonic,
                 sleep: Callable[[float], None] = time.sleep) -> SubmitResult:
     """Upload `path` as a task; with `follow`, print its output until it ends and save the result.
@@ -176,29 +104,27 @@ def submit_task(pool_address: str, path: Path, username: str, password: str | Se
     task_id = task_id or new_task_id()
     emit = on_output or _stdout_writer
     secret = password.reveal() if isinstance(password, Secret) else password
-    session = _Session(pool_address, username, secret, channel_credentials)
+    session = user_client(protocol, pool_address, username, secret, channel_credentials)
     try:
         upload_timeout = min(CALL_TIMEOUT_S + 2 * len(archive) / (1024 * 1024), 600.0)
-        reply = session.call(session.master.UploadTask, nodepool_pb2.UploadTaskRequest(
-            task_id=task_id, task_zip=archive, memory_gb=memory_gb, cpu_score=cpu_score,
-            gpu_score=gpu_score, gpu_memory_gb=gpu_memory_gb, token=session.token),
-            timeout=upload_timeout)
-        if not reply.success:
-            raise SubmitError(f"upload refused: {reply.message}")
+        ok, message = session.upload(task_id, archive, memory_gb=memory_gb, cpu_score=cpu_score,
+                                     gpu_score=gpu_score, gpu_memory_gb=gpu_memory_gb,
+                                     timeout=upload_timeout)
+        if not ok:
+            raise SubmitError(f"upload refused: {message}")
         if not follow:
             return SubmitResult(task_id, "QUEUED", None)
         deadline = clock() + timeout_s
         seen = ""
         while True:
             # Status before log: when the status is final, the log read after it is complete.
-            status, message = _task_status(session, task_id)
-            log = session.call(session.master.GetTasklog,
-                               nodepool_pb2.TasklogRequest(task_id=task_id, token=session.token))
-            if log.success and log.log != seen:
-                added = new_output(seen, log.log)
+            status, message = session.status(task_id)
+            log = session.log(task_id)
+            if log is not None and log != seen:
+                added = new_output(seen, log)
                 if added:
                     emit(added)
-                seen = log.log
+                seen = log
             if status in TERMINAL:
                 break
             if clock() >= deadline:
@@ -211,15 +137,13 @@ def submit_task(pool_address: str, path: Path, username: str, password: str | Se
         session.close()
 
 
-def _save_result(session: _Session, task_id: str, out_path: Path) -> Path:
-    reply = session.call(session.master.GetTaskResult,
-                         nodepool_pb2.GetTaskResultRequest(task_id=task_id, token=session.token),
-                         timeout=600.0)
-    if not reply.success:
-        raise SubmitError(f"task {task_id} completed but its result can't be fetched: {reply.message}")
+def _save_result(session: UserClient, task_id: str, out_path: Path) -> Path:
+    ok, message, data = session.result(task_id)
+    if not ok:
+        raise SubmitError(f"task {task_id} completed but its result can't be fetched: {message}")
     tmp = out_path.with_name(out_path.name + ".part")
     try:
-        tmp.write_bytes(reply.result_zip)
+        tmp.write_bytes(data)
         tmp.replace(out_path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -239,7 +163,8 @@ def main(args: Any) -> int:
                               if args.password_file else DEV_PASSWORD)
     result = submit_task(args.pool, Path(args.path), args.user, password,
                          memory_gb=args.memory_gb, cpu_score=args.cpu_score,
-                         out_path=args.out, timeout_s=args.timeout)
+                         out_path=args.out, timeout_s=args.timeout,
+                         protocol=getattr(args, "protocol", "2026-04"))
     where = f", result saved to {result.result_path}" if result.result_path else ""
     reason = f" ({result.message})" if result.message else ""
     print(f"task {result.task_id}: {result.status}{reason}{where}", file=sys.stderr)

@@ -1,31 +1,37 @@
-"""Calls from the worker to the node pool: login and token renewal, registration, heartbeats,
-task output, usage and results. Every call has a deadline; failures raise PoolCallFailed, which
-callers retry with backoff. Thread-safe: one channel, the token behind a lock.
+"""Calls from the worker to the node pool: the one interface the rest of the worker uses, whatever
+protocol generation the pool speaks.
+
+`PoolClient` is that interface (login and renewal, register, heartbeat, output, usage, result,
+and a start-up probe of the pool's generation) plus what every generation shares: the channel,
+deadlines, and the token (renewed once per lifetime, at the smaller of the configured margin and
+half the token's lifetime before expiry, one renewal at a time). Each generation is an adapter
+with its own generated bindings (`hivemind/pool/v2026_04.py`, `v2025_10.py`); `select.py` picks
+one from `pool.protocol`. Nothing outside those adapters knows which generation runs.
+
+Every call has a deadline; failures raise PoolCallFailed, which callers retry with backoff.
+Thread-safe: one channel, the token behind a lock.
 """
 
 from __future__ import annotations
 
-import hashlib
+import abc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 
-from hivemind._proto import hivemind_ext_pb2 as ext_pb2
-from hivemind._proto import hivemind_ext_pb2_grpc as ext_grpc
-from hivemind._proto import nodepool_pb2 as pb2
-from hivemind._proto import nodepool_pb2_grpc as pb2_grpc
 from hivemind.config import PoolConfig
 from hivemind.errors import HivemindError
-from hivemind.pool.token import token_expiry
+from hivemind.pool.token import token_expiry, token_issued_at
 from hivemind.secrets import Secret
 from hivemind.server.tls import pool_channel_credentials
 
-CHUNK_BYTES = 1024 * 1024
+GENERATIONS = ("2026-04", "2025-10")
 
 
 class PoolCallFailed(HivemindError):
@@ -34,6 +40,10 @@ class PoolCallFailed(HivemindError):
 
 class PoolRefused(HivemindError):
     """The pool answered success=false; `message` is the pool's reason."""
+
+
+class ProtocolMismatch(HivemindError):
+    """The pool speaks another protocol generation than `pool.protocol` names; fatal at start."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,19 @@ def make_channel(cfg: PoolConfig, max_message_bytes: int) -> grpc.Channel:
     return grpc.secure_channel(cfg.address, pool_channel_credentials(cfg.tls.ca_file), options=options)
 
 
-class PoolClient:
+def mismatch(configured: str, what: str) -> ProtocolMismatch:
+    other = next(g for g in GENERATIONS if g != configured)
+    return ProtocolMismatch(
+        f"pool.protocol is {configured}, but the pool does not answer {what} as a {configured} "
+        f"pool does; it looks like a {other} pool. Set pool.protocol: {other} if it is one "
+        f"(supported generations: {', '.join(GENERATIONS)})")
+
+
+class PoolClient(abc.ABC):
+    """The worker's side of one pool protocol generation."""
+
+    generation: ClassVar[str]
+
     def __init__(self, cfg: PoolConfig, password: Secret, node_id: str, logger: logging.Logger,
                  *, channel: grpc.Channel | None = None, clock: Callable[[], float] = time.time) -> None:
         self._cfg = cfg
@@ -85,174 +107,139 @@ class PoolClient:
         self._clock = clock
         max_bytes = cfg.max_result_message_mb * 1024 * 1024 + 1024 * 1024
         self._channel = channel or make_channel(cfg, max_bytes)
-        self._users = pb2_grpc.UserServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._nodes = pb2_grpc.NodeManagerServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._worker = pb2_grpc.WorkerNodeServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._results = ext_grpc.ResultTransferStub(self._channel)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
+        # Held while logging in or renewing: threads needing a token at once share one renewal.
+        self._renew_lock = threading.Lock()
         self._token: str | None = None
         self._token_exp: float | None = None
-        self.chunked_upload: bool | None = None  # None: not yet known
+        self._renew_at: float | None = None
+        self.logins = 0
+        self.renewals = 0
 
-    # -- authentication -------------------------------------------------------------------------
+    # -- the interface ----------------------------------------------------------------------------
+    def limitations(self) -> tuple[str, ...]:
+        """What the pool's generation lacks and how the worker makes up for it (for status)."""
+        return ()
+
+    @abc.abstractmethod
+    def probe(self) -> None:
+        """One call that only a pool of this generation answers correctly. Raises
+        ProtocolMismatch when the pool speaks the other generation, PoolCallFailed when it
+        can't be reached (try again later)."""
+
+    @abc.abstractmethod
+    def register(self, info: NodeInfo) -> None: ...
+
+    @abc.abstractmethod
+    def report_status(self, st: NodeStatus) -> bool:
+        """True when the pool knows this node; False means it forgot it (register again)."""
+
+    @abc.abstractmethod
+    def upload_output(self, task_id: str, text: str) -> None: ...
+
+    @abc.abstractmethod
+    def report_usage(self, task_id: str, cpu: float, memory: float, gpu: float = 0.0,
+                     gpu_memory: float = 0.0) -> None:
+        """cpu and gpu in percent (100 = one core / one GPU), memory and gpu_memory in MiB."""
+
+    @abc.abstractmethod
+    def upload_result(self, task_id: str, path: Path) -> None:
+        """Deliver a result zip; returns once the pool holds it (raises otherwise)."""
+
+    @abc.abstractmethod
+    def _login_rpc(self, username: str, password: str) -> tuple[bool, str, str]:
+        """Login: (success, message, token)."""
+
+    @abc.abstractmethod
+    def _renew(self, old: str) -> str:
+        """A new token in place of `old` (still valid), or PoolCallFailed/PoolRefused."""
+
+    # -- calls ------------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[..., object], request: object, *,
-              auth: bool = True, timeout: float | None = None) -> object:
-        metadata = self._metadata() if auth else None
+              auth: bool = True, metadata: list[tuple[str, str]] | None = None,
+              timeout: float | None = None) -> object:
+        if metadata is None and auth:
+            metadata = self._metadata()
         try:
             return fn(request, timeout=timeout or self._cfg.call_timeout_s, metadata=metadata)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL) and auth:
                 # The existing pool answers a bad token with INTERNAL; log in afresh next time.
-                with self._lock:
-                    self._token = None
+                self.forget_token()
             raise PoolCallFailed(f"{what} failed: {code.name if code else 'error'}") from None
 
-    def _metadata(self) -> list[tuple[str, str]]:
-        token = self.token()
-        return [("authorization", f"Bearer {token}")]
+    def _rpc_code(self, what: str, fn: Callable[..., object], request: object) -> tuple[object | None, grpc.StatusCode]:
+        """A call whose gRPC status is the answer (the probe): (response or None, status code)."""
+        try:
+            return fn(request, timeout=self._cfg.call_timeout_s, metadata=self._metadata()), grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code is None:
+                raise PoolCallFailed(f"{what} failed") from None
+            return None, code
 
+    def _metadata(self) -> list[tuple[str, str]]:
+        return bearer(self.token())
+
+    # -- the token --------------------------------------------------------------------------------
     def token(self) -> str:
-        """A valid token: logs in, or renews one that expires within the configured margin."""
+        """A valid token: logs in, or renews one that is due (see the module doc)."""
         with self._lock:
-            token, exp = self._token, self._token_exp
-        now = self._clock()
-        if token and (exp is None or exp - now > self._cfg.token_refresh_margin_s):
+            token, renew_at = self._token, self._renew_at
+        if token and (renew_at is None or self._clock() < renew_at):
             return token
-        if token:
-            try:
-                return self._refresh(token)
-            except (PoolCallFailed, PoolRefused) as exc:
-                self._log.warning("token refresh failed (%s); logging in again", exc,
-                                  extra={"event": "pool.token_refresh_failed"})
-        return self._login()
+        with self._renew_lock:
+            with self._lock:
+                if self._token != token and self._token:
+                    return self._token     # another thread renewed it meanwhile
+            if token:
+                try:
+                    return self._renew(token)
+                except (PoolCallFailed, PoolRefused) as exc:
+                    self._log.warning("token renewal failed (%s); logging in again", exc,
+                                      extra={"event": "pool.token_refresh_failed"})
+            token = self._login()
+            self.logins += 1
+            self._log.info("logged in to the pool as %s", self._cfg.username, extra={"event": "pool.login"})
+            return token
 
     def _login(self) -> str:
-        resp = self._call("Login", self._users.Login,
-                          pb2.LoginRequest(username=self._cfg.username, password=self._password.reveal()),
-                          auth=False)
-        assert isinstance(resp, pb2.LoginResponse)
-        if not resp.success or not resp.token:
-            raise PoolRefused(f"login as {self._cfg.username!r} refused: {resp.message}")
-        self._set_token(resp.token)
-        self._log.info("logged in to the pool as %s", self._cfg.username, extra={"event": "pool.login"})
-        return resp.token
-
-    def _refresh(self, old: str) -> str:
-        resp = self._call("RefreshToken", self._users.RefreshToken,
-                          pb2.RefreshTokenRequest(old_token=old), auth=False)
-        assert isinstance(resp, pb2.RefreshTokenResponse)
-        if not resp.success or not resp.new_token:
-            raise PoolRefused(f"token refresh refused: {resp.message}")
-        self._set_token(resp.new_token)
-        self._log.info("pool token renewed", extra={"event": "pool.token_renewed"})
-        return resp.new_token
+        """Login with the password; the new token is adopted and returned."""
+        ok, message, token = self._login_rpc(self._cfg.username, self._password.reveal())
+        if not ok or not token:
+            raise PoolRefused(f"login as {self._cfg.username!r} refused: {message}")
+        self._set_token(token)
+        return token
 
     def _set_token(self, token: str) -> None:
+        now = self._clock()
+        exp = token_expiry(token)
+        renew_at = None
+        if exp is not None:
+            issued = token_issued_at(token)
+            # exp - iat is the lifetime on the pool's own clock, so skew between the clocks
+            # doesn't shorten or stretch it; without iat, only exp - now is left.
+            lifetime = max(0.0, exp - issued) if issued is not None and issued <= exp else max(0.0, exp - now)
+            margin = min(self._cfg.token_refresh_margin_s, lifetime / 2)
+            renew_at = now + lifetime - margin
         with self._lock:
             self._token = token
-            self._token_exp = token_expiry(token)
+            self._token_exp = exp
+            self._renew_at = renew_at
+
+    def forget_token(self) -> None:
+        with self._lock:
+            self._token = None
+            self._renew_at = None
 
     def token_expires_at(self) -> float | None:
         with self._lock:
             return self._token_exp
 
-    # -- node -----------------------------------------------------------------------------------
-    def register(self, info: NodeInfo) -> None:
-        req = pb2.RegisterWorkerNodeRequest(
-            node_id=info.node_id, hostname=info.hostname, cpu_cores=info.cpu_cores,
-            memory_gb=info.memory_gb, cpu_score=info.cpu_score, gpu_score=info.gpu_score,
-            gpu_memory_gb=info.gpu_memory_gb, location=info.location, port=info.port,
-            gpu_name=info.gpu_name, docker_status=info.docker_status)
-        resp = self._call("RegisterWorkerNode", self._nodes.RegisterWorkerNode, req)
-        assert isinstance(resp, pb2.StatusResponse)
-        if not resp.success:
-            raise PoolRefused(f"registration refused: {resp.message}")
-
-    def report_status(self, st: NodeStatus) -> bool:
-        """True when the pool knows this node; False means it forgot it (register again)."""
-        req = pb2.RunningStatusRequest(
-            node_id=self._node_id, status=st.status, cpu_usage=st.cpu_usage,
-            memory_usage=st.memory_usage, gpu_usage=st.gpu_usage,
-            gpu_memory_usage=st.gpu_memory_usage, docker_status=st.docker_status,
-            running_tasks=st.running_tasks)
-        resp = self._call("ReportStatus", self._nodes.ReportStatus, req)
-        assert isinstance(resp, pb2.RunningStatusResponse)
-        return bool(resp.success)
-
-    # -- tasks ----------------------------------------------------------------------------------
-    def upload_output(self, task_id: str, text: str) -> None:
-        resp = self._call("TaskOutputUpload", self._worker.TaskOutputUpload,
-                          pb2.TaskOutputUploadRequest(task_id=task_id, output=text, token=self.token()))
-        assert isinstance(resp, pb2.TaskOutputUploadResponse)
-        if not resp.success:
-            raise PoolRefused(f"output upload refused: {resp.message}")
-
-    def report_usage(self, task_id: str, cpu: float, memory: float, gpu: float = 0.0,
-                     gpu_memory: float = 0.0) -> None:
-        self._call("TaskUsage", self._worker.TaskUsage, pb2.TaskUsageRequest(
-            task_id=task_id, cpu_usage=cpu, memory_usage=memory, gpu_usage=gpu,
-            gpu_memory_usage=gpu_memory, token=self.token()))
-
-    def upload_result(self, task_id: str, path: Path) -> None:
-        """Upload a result zip: chunked when the pool offers the extension, else one message
-        (the caller keeps results within `max_result_message_mb` for that case)."""
-        if self.chunked_upload is not False:
-            try:
-                self._upload_chunked(task_id, path)
-                self.chunked_upload = True
-                return
-            except _ChunkedUnsupported:
-                self.chunked_upload = False
-                self._log.info("pool has no chunked result upload; using single messages",
-                               extra={"event": "pool.no_chunked_upload"})
-        size = path.stat().st_size
-        if size > self._cfg.max_result_message_mb * 1024 * 1024:
-            raise PoolRefused(f"result of {size} bytes exceeds pool.max_result_message_mb")
-        data = path.read_bytes()
-        timeout = max(self._cfg.call_timeout_s, 30 + 2 * size / 1e6)
-        resp = self._call("TaskResultUpload", self._worker.TaskResultUpload,
-                          pb2.TaskResultUploadRequest(task_id=task_id, result_zip=data, token=self.token()),
-                          timeout=min(timeout, 600))
-        assert isinstance(resp, pb2.TaskResultUploadResponse)
-        if not resp.success:
-            raise PoolRefused(f"result upload refused: {resp.message}")
-
-    def _upload_chunked(self, task_id: str, path: Path) -> None:
-        token = self.token()
-        size = path.stat().st_size
-
-        def chunks() -> Iterator[ext_pb2.ResultChunk]:
-            digest = hashlib.sha256()
-            offset = 0
-            with path.open("rb") as fh:
-                while True:
-                    data = fh.read(CHUNK_BYTES)
-                    digest.update(data)
-                    last = offset + len(data) >= size
-                    yield ext_pb2.ResultChunk(task_id=task_id, token=token, data=data, offset=offset,
-                                              last=last, total_size=size,
-                                              sha256=digest.hexdigest() if last else "")
-                    offset += len(data)
-                    if last:
-                        return
-
-        try:
-            resp = self._results.UploadResult(chunks(), timeout=max(60.0, size / 5e6),
-                                              metadata=self._metadata())
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise _ChunkedUnsupported() from None
-            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL):
-                with self._lock:
-                    self._token = None
-            raise PoolCallFailed(f"UploadResult failed: {exc.code().name}") from None
-        if not resp.success:
-            raise PoolRefused(f"chunked result upload refused: {resp.message}")
-
     def close(self) -> None:
         self._channel.close()
 
 
-class _ChunkedUnsupported(Exception):
-    pass
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]

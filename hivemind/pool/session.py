@@ -11,7 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hivemind.pool.backoff import Backoff
-from hivemind.pool.client import NodeInfo, NodeStatus, PoolCallFailed, PoolClient, PoolRefused
+from hivemind.pool.client import (
+    NodeInfo,
+    NodeStatus,
+    PoolCallFailed,
+    PoolClient,
+    PoolRefused,
+    ProtocolMismatch,
+)
 
 
 @dataclass
@@ -22,6 +29,7 @@ class SessionState:
     last_error: str = ""
     heartbeat_failures: int = 0
     registrations: int = 0
+    protocol_checked: bool = False   # the pool answered the generation probe as expected
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class PoolSession:
                  node_status: Callable[[], NodeStatus], task_usage: Callable[[], list[TaskUsageReport]],
                  *, heartbeat_interval_s: float, register_interval_s: float, logger: logging.Logger,
                  on_heartbeat_failure: Callable[[], None] = lambda: None,
+                 on_fatal: Callable[[str], None] = lambda message: None,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._node_info = node_info
@@ -47,6 +56,7 @@ class PoolSession:
         self._register_interval = register_interval_s
         self._log = logger
         self._on_failure = on_heartbeat_failure
+        self._on_fatal = on_fatal
         self._clock = clock
         self.state = SessionState()
         self._stop = threading.Event()
@@ -75,6 +85,12 @@ class PoolSession:
                 self._once()
                 backoff.reset()
                 delay = self._interval
+            except ProtocolMismatch as exc:
+                # Registering anyway would have each side misread the other's messages.
+                self._failed(str(exc))
+                self._log.error("%s", exc, extra={"event": "pool.protocol_mismatch"})
+                self._on_fatal(str(exc))
+                return
             except (PoolCallFailed, PoolRefused) as exc:
                 delay = backoff.next_delay()
                 self._failed(str(exc))
@@ -98,6 +114,11 @@ class PoolSession:
     def _once(self) -> None:
         now = self._clock()
         st = self.state
+        if not st.protocol_checked:
+            self._client.probe()
+            st.protocol_checked = True
+            self._log.info("the pool speaks protocol generation %s", self._client.generation,
+                           extra={"event": "pool.protocol"})
         if not st.registered or now - self._last_register >= self._register_interval:
             info = self._node_info()
             self._client.register(info)

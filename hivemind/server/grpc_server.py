@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 
-from hivemind._proto import nodepool_pb2_grpc
 from hivemind.config import ServerConfig
 from hivemind.errors import StartupError
 from hivemind.server.auth import (
@@ -30,7 +29,7 @@ from hivemind.server.auth import (
     FailureLimiter,
     resolve_server_auth,
 )
-from hivemind.server.service import TaskAcceptor, WorkerNodeServicer
+from hivemind.server.service import ServedCalls, TaskAcceptor, add_worker_service
 
 HEALTH_SERVICE = "hivemind.worker.Health"
 HEALTH_METHOD = f"/{HEALTH_SERVICE}/Check"
@@ -106,13 +105,16 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
                         clock: Callable[[], float] = time.monotonic,
                         max_workers: int = 8,
                         runtime_dir: str | None = None,
-                        max_archive_mb: int | None = None) -> RunningServer:
+                        max_archive_mb: int | None = None,
+                        generation: str = "2026-04", node_id: str = "") -> RunningServer:
     """Resolve auth, bind `cfg.listen_host:cfg.port`, start serving.
 
     Raises ConfigError/SecretError (auth setup) or ServerStartError (binding), never starting a
     weaker mode than configured. `runtime_dir` holds the private health socket (default: a
     fresh 0700 temp dir). `max_archive_mb` (archive.max_archive_mb) lowers the message limit to
     one archive plus framing: a bigger message would be refused after it was read anyway.
+    `generation` is the pool protocol generation (pool.protocol) whose WorkerNodeService messages
+    are served; `node_id` is this node's id (2025-10's ExecuteTask names the node it is meant for).
     """
     auth = resolve_server_auth(cfg.auth, environ)
     limit = message_limit(cfg, max_archive_mb)
@@ -131,8 +133,7 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
             ("grpc.so_reuseport", 0),
         ],
     )
-    nodepool_pb2_grpc.add_WorkerNodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        WorkerNodeServicer(acceptor, logger=logger, clock=clock), server)
+    add_worker_service(server, generation, ServedCalls(acceptor, logger=logger, clock=clock, node_id=node_id))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(_health_check)})])
 

@@ -1,4 +1,7 @@
-"""The worker's half of `nodepool.WorkerNodeService`: ExecuteTask and StopTaskExecution.
+"""The worker's half of `nodepool.WorkerNodeService` (ExecuteTask and StopTaskExecution), whatever
+the pool's protocol generation: validation and the calls into the acceptor. The generated
+servicers live in one adapter per generation (`v2026_04.py`, `v2025_10.py`), which only move
+fields between their own messages and `ServedCalls`.
 
 The servicer only validates and translates; a `TaskAcceptor` (the daemon) decides. Calling rules:
 - Handlers run concurrently on the server's thread pool; the acceptor must be thread-safe.
@@ -17,11 +20,9 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import NoReturn, Protocol
 
 import grpc
-
-from hivemind._proto import nodepool_pb2, nodepool_pb2_grpc
 
 # Far above any real machine, far below anything that overflows a consumer's arithmetic.
 MAX_SCORE = 1e9
@@ -97,52 +98,49 @@ def _gb(name: str, value: int) -> int:
     return int(value)
 
 
-def parse_execute(request: Any, peer: str) -> ExecuteRequest:
-    """Translate and validate an ExecuteTaskRequest; raises InvalidRequest."""
-    task_id = check_task_id(request.task_id)
-    if not request.task_zip:
+def parse_execute(*, task_id: str, task_zip: bytes, cpu_score: float, gpu_score: float,
+                  memory_gb: int, gpu_memory_gb: int, peer: str,
+                  cpu_field: str = "cpu_usage", gpu_field: str = "gpu_usage") -> ExecuteRequest:
+    """Validate an ExecuteTask's fields; raises InvalidRequest naming the wire field at fault."""
+    checked_id = check_task_id(task_id)
+    if not task_zip:
         raise InvalidRequest("empty task archive")
     return ExecuteRequest(
-        task_id=task_id,
-        task_zip=bytes(request.task_zip),
-        cpu_score=_score("cpu_usage (requested CPU score)", request.cpu_usage),
-        gpu_score=_score("gpu_usage (requested GPU score)", request.gpu_usage),
-        memory_gb=_gb("memory_gb", request.memory_gb),
-        gpu_memory_gb=_gb("gpu_memory_gb", request.gpu_memory_gb),
+        task_id=checked_id,
+        task_zip=bytes(task_zip),
+        cpu_score=_score(f"{cpu_field} (requested CPU score)", cpu_score),
+        gpu_score=_score(f"{gpu_field} (requested GPU score)", gpu_score),
+        memory_gb=_gb("memory_gb", memory_gb),
+        gpu_memory_gb=_gb("gpu_memory_gb", gpu_memory_gb),
         peer=peer,
     )
 
 
-class WorkerNodeServicer(nodepool_pb2_grpc.WorkerNodeServiceServicer):  # type: ignore[misc]
+class ServedCalls:
+    """What both generations' servicers do once the fields are out of their messages."""
+
     def __init__(self, acceptor: TaskAcceptor, *, logger: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, node_id: str = "") -> None:
+        self.node_id = node_id      # this node's id, for generations whose requests name the node
         self._acceptor = acceptor
         self._log = logger
         self._clock = clock
 
-    def ExecuteTask(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        peer = context.peer()
+    def execute(self, parse: Callable[[], ExecuteRequest], peer: str) -> Decision:
         try:
-            parsed = parse_execute(request, peer)
+            parsed = parse()
         except InvalidRequest as exc:
             self._log.info("refused ExecuteTask from %s: %s", peer, exc)
-            return nodepool_pb2.ExecuteTaskResponse(success=False, message=str(exc))
-        decision = self._call("ExecuteTask", parsed.task_id, peer,
-                              lambda: self._acceptor.execute(parsed))
-        return nodepool_pb2.ExecuteTaskResponse(success=decision.accepted,
-                                                message=decision.message)
+            return Decision(False, str(exc))
+        return self._call("ExecuteTask", parsed.task_id, peer, lambda: self._acceptor.execute(parsed))
 
-    def StopTaskExecution(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        peer = context.peer()
+    def stop(self, raw_task_id: str, peer: str) -> Decision:
         try:
-            task_id = check_task_id(request.task_id)
+            task_id = check_task_id(raw_task_id)
         except InvalidRequest as exc:
             self._log.info("refused StopTaskExecution from %s: %s", peer, exc)
-            return nodepool_pb2.StopTaskExecutionResponse(success=False, message=str(exc))
-        decision = self._call("StopTaskExecution", task_id, peer,
-                              lambda: self._acceptor.stop(task_id, peer))
-        return nodepool_pb2.StopTaskExecutionResponse(success=decision.accepted,
-                                                      message=decision.message)
+            return Decision(False, str(exc))
+        return self._call("StopTaskExecution", task_id, peer, lambda: self._acceptor.stop(task_id, peer))
 
     def _call(self, what: str, task_id: str, peer: str, fn: Callable[[], Decision]) -> Decision:
         started = self._clock()
@@ -163,19 +161,16 @@ class WorkerNodeServicer(nodepool_pb2_grpc.WorkerNodeServiceServicer):  # type: 
                        f" ({decision.message})" if decision.message else "")
         return Decision(decision.accepted, decision.message[:MAX_MESSAGE_CHARS])
 
-    def TaskOutputUpload(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        _pool_side(context)
 
-    def TaskResultUpload(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        _pool_side(context)
-
-    def TaskOutput(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        _pool_side(context)
-
-    def TaskUsage(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        _pool_side(context)
-
-
-def _pool_side(context: grpc.ServicerContext) -> NoReturn:
+def pool_side(context: grpc.ServicerContext) -> NoReturn:
     context.abort(grpc.StatusCode.UNIMPLEMENTED, "implemented by the pool, not the worker")
     raise AssertionError("unreachable: context.abort raises")
+
+
+def add_worker_service(server: grpc.Server, generation: str, calls: ServedCalls) -> None:
+    """Serve the worker's half of WorkerNodeService in the pool's protocol generation."""
+    if generation == "2025-10":
+        from hivemind.server.v2025_10 import add_to_server
+    else:
+        from hivemind.server.v2026_04 import add_to_server
+    add_to_server(server, calls)

@@ -39,6 +39,8 @@ class PoolInfo(TypedDict):
     reported_status: str            # last `status` sent in ReportStatus, e.g. "Idle", "Running"
     last_heartbeat: float | None    # time of the last successful ReportStatus
     heartbeat_failures: int         # consecutive failed heartbeats (0 when the last succeeded)
+    protocol: str                   # pool protocol generation (pool.protocol): "2026-04" or "2025-10"
+    protocol_limitations: list[str]  # what that generation lacks and what the worker does instead
 
 
 class Enforces(TypedDict):

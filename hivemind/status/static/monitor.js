@@ -64,6 +64,7 @@
     const p = st.pool;
     fillDl($("pool"), [
       ["address", p.address],
+      ["protocol", p.protocol + ((p.protocol_limitations || []).length ? " (" + p.protocol_limitations.join("; ") + ")" : "")],
       ["state", p.state, p.state === "registered" ? "" : "bad-text"],
       ["reported", p.reported_status],
       ["last heartbeat", ago(p.last_heartbeat), p.heartbeat_failures ? "bad-text" : ""],
