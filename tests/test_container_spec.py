@@ -10,10 +10,12 @@ from hivemind.config import PodmanConfig
 from hivemind.executors.base import Entry, Limits, TaskSpec
 from hivemind.executors.container_spec import (
     PYCACHE_MOUNT,
+    ROOTFUL_USERNS,
     build_container_spec,
     build_prepare_spec,
     container_name,
     parse_user,
+    rootful_userns,
 )
 
 MiB = 1024 * 1024
@@ -43,7 +45,10 @@ def test_defaults_are_locked_down(tmp_path: Path) -> None:
     assert {"Name": "nproc", "Soft": 1024, "Hard": 1024} in kw["ulimits"]
     assert "devices" not in kw
     # Rootful: a user namespace of its own, so uid 1000 inside is no host account's uid.
-    assert kw["userns_mode"] == {"nsmode": "auto"} and kw["idmappings"] == {"AutoUserNs": True}
+    uid, gid, size = (int(v) for v in ROOTFUL_USERNS.removeprefix("map:").split(":"))
+    assert kw["userns_mode"] == {"nsmode": "private"}
+    assert kw["idmappings"] == {"UIDMap": [{"container_id": 0, "host_id": uid, "size": size}],
+                                "GIDMap": [{"container_id": 0, "host_id": gid, "size": size}]}
     assert kw["init"] is True            # SIGTERM reaches the task; PID 1 alone ignores it
     assert kw["log_config"] == {"Type": "k8s-file", "Config": {"size": 16 * MiB}}
 
@@ -135,3 +140,11 @@ def test_container_log_is_capped_at_the_output_cap(tmp_path: Path) -> None:
     spec = build_container_spec(_spec(tmp_path, output_bytes=3 * MiB), PodmanConfig(), "node-a",
                                 rootless=True)
     assert spec.create_kwargs()["log_config"] == {"Type": "k8s-file", "Config": {"size": 3 * MiB}}
+
+
+def test_rootful_map_comes_from_the_containers_range(tmp_path: Path) -> None:
+    sub = tmp_path / "subuid"
+    sub.write_text("hivemind:100000:65536\ncontainers:165536:1048576\n")
+    assert rootful_userns(str(sub), str(sub)) == "map:165536:165536:65536"
+    sub.write_text("hivemind:100000:65536\n")          # no range: Podman's auto, and the probe says why
+    assert rootful_userns(str(sub), str(sub)) == "auto"

@@ -305,15 +305,18 @@ def test_a_service_left_by_a_killed_worker_is_adopted_then_stopped(tmp_path: Pat
     """Item 5: the worker that started the API service dies without close(); the next one (same
     state dir) adopts it and stops it on close. A recorded PID whose start time differs (reused)
     is never touched."""
-    sock = tmp_path / "podman.sock"
+    standard = tmp_path / "podman.sock"
     state = tmp_path / "state"
-    first = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock), state_dir=state)
+    first = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(standard), state_dir=state)
     first.ensure()
+    sock = Path(first.socket_path())
+    # A service the worker starts has a socket of its own, never the standard one.
+    assert sock != standard and sock.parent == standard.parent and not ping(str(standard))
     record = json.loads((state / "podman-service.json").read_text())
     pid = record["pid"]
     assert psutil.pid_exists(pid) and ping(str(sock))
     # (no first.close(): the worker was killed)
-    second = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock), state_dir=state)
+    second = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(standard), state_dir=state)
     assert second.ensure() == f"unix://{sock}" and second.owned
     assert second._proc is None, "it must adopt, not start another"
     second.close()
@@ -324,7 +327,7 @@ def test_a_service_left_by_a_killed_worker_is_adopted_then_stopped(tmp_path: Pat
     try:
         (state / "podman-service.json").write_text(json.dumps(
             {"pid": bystander.pid, "start_time": 1.0, "socket": str(sock)}))
-        third = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(sock),
+        third = PodmanService(PodmanConfig(mode="rootful"), LOG, rootful_socket=str(standard),
                               state_dir=state)
         third.ensure()                      # starts its own
         assert bystander.poll() is None and third._proc is not None

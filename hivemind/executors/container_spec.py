@@ -23,7 +23,40 @@ LABEL_MANAGED = "hivemind.managed"
 LABEL_NODE = "hivemind.node_id"
 LABEL_TASK = "hivemind.task_id"
 LABEL_ROLE = "hivemind.role"          # "task" or "prepare"
-ROOTFUL_USERNS = "auto"
+# Rootful tasks get a user namespace mapped onto a fixed slice of the `containers` subordinate
+# range (scripts/setup-podman adds it), not userns=auto: with auto, Podman 4.3's id allocation
+# (userns.lock, then the layer lock) can deadlock against conmon's cleanup of a container that
+# is exiting (which holds the store lock, then wants the layer lock), and every later Podman call
+# on the machine hangs. A fixed map takes no allocation lock; the task's uid is still no host
+# account's. Concurrent tasks share the slice, but never a PID, mount, IPC or network namespace.
+ROOTFUL_MAP_SIZE = 65536
+SUBORDINATE_OWNER = "containers"
+
+
+def _subordinate_start(path: str, owner: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                name, _, rest = line.strip().partition(":")
+                start, _, count = rest.partition(":")
+                if name == owner and start.isdigit() and count.isdigit() and int(count) >= ROOTFUL_MAP_SIZE:
+                    return int(start)
+    except OSError:
+        return None
+    return None
+
+
+def rootful_userns(subuid: str = "/etc/subuid", subgid: str = "/etc/subgid") -> str:
+    """`map:UID_START:GID_START:SIZE` from the `containers` ranges, or `auto` where the host has
+    none (Podman then refuses the container, and the probe's message says to add the range)."""
+    uid = _subordinate_start(subuid, SUBORDINATE_OWNER)
+    gid = _subordinate_start(subgid, SUBORDINATE_OWNER)
+    if uid is None or gid is None:
+        return "auto"
+    return f"map:{uid}:{gid}:{ROOTFUL_MAP_SIZE}"
+
+
+ROOTFUL_USERNS = rootful_userns()
 
 
 def container_name(node_id: str, task_id: str, role: str = "task") -> str:
@@ -78,9 +111,9 @@ class ContainerSpec:
     nofile: int
     nproc: int
     devices: tuple[str, ...] = ()
-    # rootless: keep-id:uid=..,gid=.. so the workspace stays the service user's; rootful: auto,
-    # a slice of the `containers` subordinate range per container, so the task's uid is no
-    # host account's (uid 1000 is a person on most machines).
+    # rootless: keep-id:uid=..,gid=.. so the workspace stays the service user's; rootful:
+    # map:UID:GID:SIZE, a slice of the `containers` subordinate range (see ROOTFUL_USERNS), so
+    # the task's uid is no host account's (uid 1000 is a person on most machines).
     userns_mode: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     # conmon truncates its k8s-file log when it reaches this, so the log takes at most this much
@@ -141,6 +174,11 @@ class ContainerSpec:
             # podman-py passes a plain string through whole, which the service rejects.
             mode, _, value = self.userns_mode.partition(":")
             kw["userns_mode"] = {"nsmode": mode, "value": value} if value else {"nsmode": mode}
+            if mode == "map":
+                uid, gid, size = (int(v) for v in value.split(":"))
+                kw["userns_mode"] = {"nsmode": "private"}
+                kw["idmappings"] = {"UIDMap": [{"container_id": 0, "host_id": uid, "size": size}],
+                                    "GIDMap": [{"container_id": 0, "host_id": gid, "size": size}]}
             if mode == "auto":
                 # The service does not derive the mapping from the mode (the CLI does): without
                 # AutoUserNs the container silently keeps the host's uids.

@@ -242,7 +242,7 @@ class PodmanExecutor:
 
     def _workspace_owner(self) -> tuple[int, int] | None:
         """Host uid:gid the workspace must belong to so the container's user can write it.
-        Rootful: None, Podman chowns it to the task's mapped uid (userns=auto, `U` mount)."""
+        Rootful: None, Podman chowns it to the task's mapped uid (its user-namespace map, `U` mount)."""
         if not self.rootless:
             return None
         user = self._service.service_user()
@@ -285,7 +285,7 @@ class PodmanExecutor:
         except (PodmanError, OSError) as exc:
             hint = ""
             if not self.rootless and ("available IDs" in str(exc) or "subuid" in str(exc)):
-                hint = ("; rootful tasks run with userns=auto: add a `containers` range to "
+                hint = ("; rootful tasks run in a user namespace: add a `containers` range to "
                         "/etc/subuid and /etc/subgid (scripts/setup-podman does)")
             return ExecutorStatus(self.name, False, f"podman service error: {exc}{hint}")
 

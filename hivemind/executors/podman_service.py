@@ -18,6 +18,7 @@ it doesn't; either way, it is the worker's to stop again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -85,6 +86,7 @@ class PodmanService:
         self._uri: str | None = None
         self._record = state_dir / "podman-service.json" if state_dir is not None else None
         self._adopted: tuple[int, float] | None = None   # (pid, start time) of an adopted service
+        self._own_path: str | None = None   # the socket of the service this object started/adopted
 
     @property
     def rootless(self) -> bool:
@@ -108,10 +110,32 @@ class PodmanService:
         return ServiceUser(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, runtime)
 
     def socket_path(self) -> str:
+        """The socket this object talks to: the configured one, the one of the service it
+        started, or the standard one (a service someone else runs there is used as it is)."""
         if self._cfg.socket:
             return _socket_path(self._cfg.socket)
+        if self._own_path is not None:
+            return self._own_path
+        return self._standard_path()
+
+    def _standard_path(self) -> str:
         user = self.service_user()
         return self._rootful_socket if user is None else f"{user.runtime_dir}/podman/podman.sock"
+
+    def _private_path(self) -> str:
+        """Where a service this worker starts listens: a socket of its own (one per state dir),
+        so stopping or restarting it never pulls a service from under another worker, or from a
+        person using the standard socket."""
+        standard = self._standard_path()
+        if self._record is None:
+            return standard
+        tag = hashlib.sha256(str(self._record.parent.resolve()).encode()).hexdigest()[:12]
+        return str(Path(standard).parent / f"hivemind-{tag}.sock")
+
+    def _own_alive(self, path: str) -> bool:
+        """Our service still runs and answers, given time: a slow ping on a loaded machine is no
+        reason to restart it (a restart breaks every call in flight)."""
+        return self._proc is not None and self._proc.poll() is None and ping(path, timeout=5.0)
 
     @property
     def owned(self) -> bool:
@@ -182,22 +206,30 @@ class PodmanService:
     def ensure(self) -> str:
         """The service URI, starting the service if needed. Raises ExecutorUnavailable."""
         path = self.socket_path()
-        if self._uri is not None and ping(path):
+        if self._uri is not None and (ping(path) or self._own_alive(path)):
             return self._uri
+        private = self._private_path()
         if not self._cfg.socket and self._adopted is None and self._proc is None \
-                and self._take_over(path):
-            self._uri = f"unix://{path}"
-            return self._uri
-        if ping(path):
-            self._uri = f"unix://{path}"
+                and self._take_over(private):
+            self._own_path = private
+            self._uri = f"unix://{private}"
             return self._uri
         if self._cfg.socket:
+            if ping(path):
+                self._uri = f"unix://{path}"
+                return self._uri
             raise ExecutorUnavailable(f"no Podman service answers on {self._cfg.socket}")
+        standard = self._standard_path()
+        if self._proc is None and self._adopted is None and ping(standard):
+            self._uri = f"unix://{standard}"
+            return self._uri
+        path = private
         if shutil.which(self._bin) is None:
             raise ExecutorUnavailable(f"{self._bin} is not installed (apt install podman)")
         if not self.rootless and self._euid() != 0:
             raise ExecutorUnavailable("podman.mode rootful needs the worker to run as root")
         self._start(path)
+        self._own_path = path
         self._uri = f"unix://{path}"
         return self._uri
 
@@ -259,6 +291,8 @@ class PodmanService:
         """Stop the service if this object started it (or adopted it from an earlier worker)."""
         proc, self._proc = self._proc, None
         adopted, self._adopted = self._adopted, None
+        if proc is not None or adopted is not None:
+            self._own_path = None
         if adopted is not None:
             self._stop_pid(*adopted)
             self._forget_record()
