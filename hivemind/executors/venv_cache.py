@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -297,13 +298,29 @@ def _pump(proc: subprocess.Popen[bytes], sink: OutputSink, wall: Callable[[], fl
 
 def isolated_argv(argv: list[str], user: TaskUser | None) -> list[str]:
     """`argv` in an empty network namespace: as root with setpriv dropping to `user`; as
-    another user inside a user namespace of its own (needs unprivileged user namespaces)."""
+    another user inside a user namespace of its own where the host allows one."""
     if os.geteuid() == 0:
         drop = [] if user is None else [
             "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
             "--no-new-privs", "--bounding-set=-all", "--"]
         return ["unshare", "--net", "--", *drop, *argv]
-    return ["unshare", "--user", "--net", "--", *argv]
+    if user_netns_works():
+        return ["unshare", "--user", "--net", "--", *argv]
+    # No user namespaces (the shipped unit's RestrictNamespaces=, a non-root worker): what runs
+    # here is venv creation and pip's offline, wheel-only install (--no-index), neither of which
+    # executes archive code, so the empty namespace was defence in depth; run without it.
+    return list(argv)
+
+
+@functools.cache
+def user_netns_works() -> bool:
+    """Whether this process may create a user + network namespace (checked once)."""
+    try:
+        return subprocess.run(["unshare", "--user", "--net", "--", "true"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _read(requirements: Path | None) -> bytes | None:

@@ -42,6 +42,9 @@ NATIVE_LIB = REPO / "native/build/libhivemindmetrics.so"
 METRICS = ("{backend: native, native_library: /src/native/libhivemindmetrics.so}"
            if NATIVE_LIB.is_file() else "{backend: psutil}")
 
+# The package index tasks' requirements come from (no network here): a PEP 503 page per project
+# pointing into the wheelhouse, written by the test that needs it.
+INDEX = "/srv/hivemind-test-index"
 WORKER_YAML = f"""\
 node: {{id: {NODE_ID}}}
 pool: {{address: "{POOL}", username: worker, password_file: pool-password, heartbeat_interval_s: 2}}
@@ -50,7 +53,7 @@ server:
   port: 50052
   advertise_host: 127.0.0.2
   auth: {{mode: legacy, legacy_allowed_peers: ["127.0.0.0/8"]}}
-executor: {{kind: venv, slots: 1}}
+executor: {{kind: venv, slots: 1, requirements: {{index_url: "file://{INDEX}"}}}}
 status: {{enabled: false}}
 metrics: {METRICS}
 resources: {{cpu_score_per_core: 1000, reserve_memory_gb: 0}}
@@ -229,7 +232,11 @@ def test_task_output_by_task_id(machine: Machine) -> None:
         recs = machine.journal(f"TASK_ID={task_id}", "HIVEMIND_OUTPUT=stdout")
         return [r["MESSAGE"] for r in recs] if len(recs) >= 6 else None
 
-    lines = wait_for("the task's journaled output", stdout_lines)
+    try:
+        lines = wait_for("the task's journaled output", stdout_lines)
+    except pytest.fail.Exception:
+        found = [(r.get("HIVEMIND_OUTPUT"), r.get("MESSAGE")) for r in machine.journal(f"TASK_ID={task_id}")]
+        pytest.fail(f"task {task_id}: not 6 stdout records in the journal; its records: {found[-20:]}\n{out}")
     assert lines[:5] == [f"hello from the task, step {i} of 5" for i in range(1, 6)]
     assert lines[5] == "done: wrote result.txt"
     assert all(r["TASK_ID"] == task_id for r in machine.journal(f"TASK_ID={task_id}"))
@@ -247,10 +254,13 @@ def test_sighup_reloads(machine: Machine) -> None:
 
 def test_task_with_requirements_txt(machine: Machine) -> None:
     """The preparation step installs requirements.txt into the task's venv (offline here: the
-    requirement is a wheel file from the wheelhouse, which has no dependencies)."""
+    configured index is a local PEP 503 page onto the wheelhouse; PyYAML has no dependencies).
+    A requirement naming a file is refused: the index is the worker's, never the task's."""
     wheel = next(w for w in machine.run("ls", "/wheels").stdout.split() if w.lower().startswith("pyyaml-"))
+    machine.write(f"{INDEX}/pyyaml/index.html", f'<a href="file:///wheels/{wheel}">{wheel}</a>\n')
+    machine.run("chmod", "-R", "a+rX", INDEX)
     task = f"/tmp/req-task-{uuid.uuid4().hex[:8]}"
-    machine.write(f"{task}/requirements.txt", f"/wheels/{wheel}\n")
+    machine.write(f"{task}/requirements.txt", "pyyaml\n")
     machine.write(f"{task}/run.py", "import yaml, sys\nprint('yaml from', yaml.__file__)\n"
                   "print('venv', sys.prefix)\n")
     machine.run("chmod", "-R", "a+rX", task)
