@@ -36,7 +36,7 @@ from hivemind.server.grpc_server import RunningServer, start_worker_server
 from hivemind.status.prom import WorkerMetrics
 from hivemind.tasks.state import Lifecycle
 from hivemind.tasks.store import TaskStore
-from hivemind.tasks.usage import node_percentages, task_percentages
+from hivemind.tasks.usage import node_percentages
 from hivemind.worker import GIB, Capacity, Worker
 from hivemind.worker_view import ViewState, WarningLog, WorkerView
 
@@ -213,8 +213,11 @@ class Daemon:
         for r in self.worker.runners():
             u = r.usage.last
             if u is not None:
-                cpu, mem = task_percentages(u, r.limits)
-                out.append(TaskUsageReport(r.task_id, cpu=cpu, memory=mem))
+                # Raw figures plus the grant: each protocol generation reports in its own units.
+                out.append(TaskUsageReport(r.task_id, cpu=100.0 * u.cpu_cores,
+                                           memory=u.memory_bytes / (1024 * 1024),
+                                           cpu_grant_cores=r.limits.cpus,
+                                           memory_grant_mib=r.limits.memory_bytes / (1024 * 1024)))
         return out
 
     # -- running --------------------------------------------------------------------------------

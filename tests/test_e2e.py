@@ -343,11 +343,14 @@ def test_a_large_result_arrives_whole(tmp_path: Path, pool) -> None:
 
 def test_usage_reaches_the_pool_while_the_task_runs(tmp_path: Path, pool) -> None:
     w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
-    task = {"main.py": "import time\nblob = bytearray(64 * 1024 * 1024)\nprint('holding', flush=True)\n"
-                       "time.sleep(5)\nprint(len(blob))\n"}
+    # Written, not just allocated: a zeroed bytearray is calloc'd and takes no resident memory.
+    task = {"main.py": "import time\nblob = bytearray(b'x' * (64 * 1024 * 1024))\nprint('holding', flush=True)\n"
+                       "time.sleep(8)\nprint(len(blob))\n"}
+    # 2025-10 reports MiB (the task holds 64); 2026-04 a percentage of the 1 GiB grant (~6).
+    floor = 32 if pool.protocol == "2025-10" else 0
     with running_worker(w, pool):
         upload(pool, task, "usage-1")
-        t = wait_for(lambda: (x := pool.task("usage-1")) and x.usage_reports > 0 and x.memory_usage > 0 and x,
+        t = wait_for(lambda: (x := pool.task("usage-1")) and x.usage_reports > 0 and x.memory_usage > floor and x,
                      60, "a usage report at the pool")
         if pool.protocol == "2025-10":
             # RESOURCE_USAGE's memory_mb: the task holds 64 MiB.

@@ -97,7 +97,8 @@ def test_select_waits_only_for_a_configured_socket(monkeypatch: pytest.MonkeyPat
 
     calls: list[tuple[str, float]] = []
     monkeypatch.setattr(select, "wait_for_socket", lambda uri, timeout, _log: calls.append((uri, timeout)))
-    monkeypatch.setattr(select, "_podman", lambda _cfg, _log: _FakePodman())
+    fake = _FakePodman()
+    monkeypatch.setattr(select, "_podman", lambda _cfg, _log: (fake, fake.probe()))
     cfg = parse_config({"executor": {"kind": "podman", "podman": {"socket": socket_uri, "socket_wait_s": 42}}})
     executor, status = select.select_executor(cfg, LOG)
     assert status.usable and executor.name == "podman"

@@ -266,11 +266,46 @@ def group_members(pgid: int) -> list[int]:
 
 
 def sample_group(pgid: int) -> GroupSample:
-    n, rss, cpu = 0, 0, 0.0
-    for _pid, pg, r, c in _proc_stats():
+    """Usage of the task started as process (group) `pgid`: its process group together with
+    every descendant of `pgid`. Descendants count because a process group does not follow a task
+    into its PID namespace (the sandbox's init starts it in a session of its own); the group
+    counts because without a PID namespace an orphan leaves the tree but keeps the group."""
+    stats: dict[int, tuple[int, float]] = {}
+    children: dict[int, list[int]] = {}
+    chosen: set[int] = set()
+    for pid, ppid, pg, r, c in _proc_stats_with_parent():
+        stats[pid] = (r, c)
+        children.setdefault(ppid, []).append(pid)
         if pg == pgid:
-            n, rss, cpu = n + 1, rss + r, cpu + c
+            chosen.add(pid)
+    todo = [pgid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in chosen:
+                chosen.add(child)
+                todo.append(child)
+    n, rss, cpu = 0, 0, 0.0
+    for pid in chosen & stats.keys():
+        r, c = stats[pid]
+        n, rss, cpu = n + 1, rss + r, cpu + c
     return GroupSample(pids=n, rss_bytes=rss, cpu_seconds=cpu)
+
+
+def _proc_stats_with_parent() -> Iterator[tuple[int, int, int, int, float]]:
+    """(pid, ppid, pgid, rss bytes, cpu seconds) of every live process."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2:].split()
+        if len(fields) < 22 or fields[0] == b"Z":
+            continue
+        ticks = sum(int(x) for x in fields[11:15])
+        yield int(name), int(fields[1]), int(fields[2]), int(fields[21]) * _PAGE, ticks / _CLK_TCK
 
 
 def _proc_stats() -> Iterator[tuple[int, int, int, float]]:

@@ -139,8 +139,10 @@ class PoolClient(abc.ABC):
 
     @abc.abstractmethod
     def report_usage(self, task_id: str, cpu: float, memory: float, gpu: float = 0.0,
-                     gpu_memory: float = 0.0) -> None:
-        """cpu and gpu in percent (100 = one core / one GPU), memory and gpu_memory in MiB."""
+                     gpu_memory: float = 0.0, *, cpu_grant_cores: float = 0.0,
+                     memory_grant_mib: float = 0.0) -> None:
+        """cpu and gpu in percent (100 = one core / one GPU), memory and gpu_memory in MiB; the
+        grant lets a generation that reports shares of it (2026-04) convert."""
 
     @abc.abstractmethod
     def upload_result(self, task_id: str, path: Path) -> None:

@@ -39,6 +39,10 @@ class TaskUsageReport:
     memory: float
     gpu: float = 0.0
     gpu_memory: float = 0.0
+    # What the task was granted: a generation that reports shares of the grant (2026-04) turns
+    # cpu (percent of one core) and memory (MiB) into them; one that reports raw figures doesn't.
+    cpu_grant_cores: float = 0.0
+    memory_grant_mib: float = 0.0
 
 
 class PoolSession:
@@ -138,7 +142,9 @@ class PoolSession:
             st.registrations += 1
         for usage in self._task_usage():
             try:
-                self._client.report_usage(usage.task_id, usage.cpu, usage.memory, usage.gpu, usage.gpu_memory)
+                self._client.report_usage(usage.task_id, usage.cpu, usage.memory, usage.gpu, usage.gpu_memory,
+                                          cpu_grant_cores=usage.cpu_grant_cores,
+                                          memory_grant_mib=usage.memory_grant_mib)
             except PoolCallFailed:
                 break
         if not st.connected:

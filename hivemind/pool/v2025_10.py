@@ -122,7 +122,9 @@ class Pool2025(PoolClient):
             raise PoolRefused(f"output upload refused: {resp.message}")
 
     def report_usage(self, task_id: str, cpu: float, memory: float, gpu: float = 0.0,
-                     gpu_memory: float = 0.0) -> None:
+                     gpu_memory: float = 0.0, *, cpu_grant_cores: float = 0.0,
+                     memory_grant_mib: float = 0.0) -> None:
+        # RESOURCE_USAGE carries raw figures (cpu_percent of a core, memory_mb): no grant needed.
         self._call("StoreOutput", self._master.StoreOutput, pb2.StoreOutputRequest(
             task_id=task_id, output=usage_text(cpu, memory, gpu, gpu_memory)))
 

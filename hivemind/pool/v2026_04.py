@@ -33,6 +33,7 @@ from hivemind.pool.client import (
     mismatch,
 )
 from hivemind.secrets import Secret
+from hivemind.tasks.usage import percent_of_grant
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -115,7 +116,14 @@ class Pool2026(PoolClient):
             raise PoolRefused(f"output upload refused: {resp.message}")
 
     def report_usage(self, task_id: str, cpu: float, memory: float, gpu: float = 0.0,
-                     gpu_memory: float = 0.0) -> None:
+                     gpu_memory: float = 0.0, *, cpu_grant_cores: float = 0.0,
+                     memory_grant_mib: float = 0.0) -> None:
+        # This generation's pool reads cpu_usage and memory_usage as percent (0–100) of what the
+        # task was granted, as the original worker sent them.
+        if cpu_grant_cores > 0:
+            cpu = percent_of_grant(cpu, 100.0 * cpu_grant_cores)
+        if memory_grant_mib > 0:
+            memory = percent_of_grant(memory, memory_grant_mib)
         self._call("TaskUsage", self._worker.TaskUsage, pb2.TaskUsageRequest(
             task_id=task_id, cpu_usage=cpu, memory_usage=memory, gpu_usage=gpu,
             gpu_memory_usage=gpu_memory, token=self.token()))

@@ -21,6 +21,11 @@ def _pct(part: float, whole: float) -> float:
     return max(0.0, min(100.0, 100.0 * part / whole))
 
 
+def percent_of_grant(part: float, grant: float) -> float:
+    """`part` as percent of `grant`, clamped to 0–100 (0 without a grant)."""
+    return _pct(part, grant)
+
+
 def task_percentages(usage: Usage, limits: Limits) -> tuple[float, float]:
     """(cpu_usage, memory_usage) for TaskUsage: percent of the task's grant, clamped to 0–100."""
     return _pct(usage.cpu_cores, limits.cpus), _pct(usage.memory_bytes, limits.memory_bytes)
