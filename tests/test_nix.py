@@ -696,6 +696,13 @@ def _check_phase(package: dict[str, Any], tmp_path: Path) -> None:
         stand_in = tmp_path / "root-home"
         (stand_in / top.name).mkdir(parents=True)
         setup = (f"{mount} --bind {top} {stand_in / top.name}\n{mount} --rbind {stand_in} /root\n") + setup
+    venv = Path(sys.prefix)
+    if venv.is_relative_to("/tmp"):
+        # A checkout under /tmp (CI clones anywhere): the build dir is mounted over /tmp, so show
+        # the test's venv at its own path inside it.
+        inside = tmp_path / venv.relative_to("/tmp")
+        inside.mkdir(parents=True, exist_ok=True)
+        setup = f"{mount} --bind {venv} {inside}\n" + setup
     unshare, setpriv = shutil.which("unshare") or "unshare", shutil.which("setpriv") or "setpriv"
     run = subprocess.run([unshare, "--net", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", setup,
                           "sh", setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv],
