@@ -292,24 +292,8 @@ def sample_group(pgid: int) -> GroupSample:
 
 
 def _proc_stats_with_parent() -> Iterator[tuple[int, int, int, int, float]]:
-    """(pid, ppid, pgid, rss bytes, cpu seconds) of every live process."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2:].split()
-        if len(fields) < 22 or fields[0] == b"Z":
-            continue
-        ticks = sum(int(x) for x in fields[11:15])
-        yield int(name), int(fields[1]), int(fields[2]), int(fields[21]) * _PAGE, ticks / _CLK_TCK
-
-
-def _proc_stats() -> Iterator[tuple[int, int, int, float]]:
-    """(pid, pgid, rss bytes, cpu seconds) of every process, from /proc/PID/stat (one read each)."""
+    """(pid, ppid, pgid, rss bytes, cpu seconds) of every live process, from /proc/PID/stat
+    (one read each)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -322,8 +306,14 @@ def _proc_stats() -> Iterator[tuple[int, int, int, float]]:
         fields = raw[raw.rfind(b")") + 2:].split()
         if len(fields) < 22 or fields[0] == b"Z":
             continue  # zombies hold no memory and can't be signalled; their reaper owns them
-        ticks = sum(int(x) for x in fields[11:15])     # utime stime cutime cstime
-        yield int(name), int(fields[2]), int(fields[21]) * _PAGE, ticks / _CLK_TCK
+        ticks = sum(int(x) for x in fields[11:15])
+        yield int(name), int(fields[1]), int(fields[2]), int(fields[21]) * _PAGE, ticks / _CLK_TCK
+
+
+def _proc_stats() -> Iterator[tuple[int, int, int, float]]:
+    """(pid, pgid, rss bytes, cpu seconds) of every live process."""
+    for pid, _ppid, pgid, rss, cpu in _proc_stats_with_parent():
+        yield pid, pgid, rss, cpu
 
 
 def signal_group(pgid: int, sig: int) -> bool:
