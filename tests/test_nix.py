@@ -666,7 +666,7 @@ def test_package_check_phase(package: dict[str, Any]) -> None:
 # directory at a short path as Nix's /build is, and no /var/tmp (a build sandbox has none).
 SANDBOX_SETUP = """\
 {ip} link set lo up
-{mount} --bind {build} /tmp
+{mount} --rbind {build} /tmp
 {mount} -t tmpfs -o ro,mode=0755 tmpfs /var/tmp
 cd /tmp/source
 exec "$@"
