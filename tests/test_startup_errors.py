@@ -6,6 +6,7 @@ Podman probe finds no task image). The executor class needs Podman (the probe is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -98,8 +99,9 @@ def test_environment_error_port_taken(files: dict[str, Path]) -> None:
     import socket
     import tempfile
 
-    state = Path(tempfile.mkdtemp(prefix="hivemind-e2e-startup-", dir="/var/tmp"))  # conftest removes it
-    with socket.socket() as taken:
+    state = Path(tempfile.mkdtemp(prefix="hivemind-startup-", dir="/var/tmp"))
+    with socket.socket() as taken, contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, state, ignore_errors=True)
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
