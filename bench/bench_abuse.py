@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,11 @@ from typing import Any
 
 from bench_e2e import IMAGE, MIB, Measurement, podman_usable
 
+from hivemind.devpool.testing import directory_zip
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "tests" / "abuse_server.py"
 TOKEN = "bench-abuse-token-1d2c3b4a"
-_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
 
 
 # -- unauthenticated callers -------------------------------------------------------------------
@@ -149,27 +149,6 @@ def unauthenticated_rss(calls: int, mib: int, log: Callable[[str], None]) -> lis
 
 # -- the directory bomb ------------------------------------------------------------------------
 
-def directory_zip(path: Path, members: int) -> Path:
-    """A zip of `members` empty files, central directory only, zip64 end records."""
-    with open(path, "wb") as f:
-        size = 0
-        batch: list[bytes] = []
-        for i in range(members):
-            name = b"%07d" % i
-            batch.append(_CENTRAL.pack(b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0x21, 0, 0, 0,
-                                       len(name), 0, 0, 0, 0, 0o100644 << 16, 0) + name)
-            if len(batch) == 65536:
-                chunk = b"".join(batch)
-                f.write(chunk)
-                size += len(chunk)
-                batch.clear()
-        chunk = b"".join(batch)
-        f.write(chunk)
-        size += len(chunk)
-        f.write(struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, members, members, size, 0))
-        f.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, size, 1))
-        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
-    return path
 
 
 def zip_bomb(rounds: int, members: int, log: Callable[[str], None]) -> list[Measurement]:
@@ -179,8 +158,8 @@ def zip_bomb(rounds: int, members: int, log: Callable[[str], None]) -> list[Meas
 
     rules = ArchiveRules.from_config(ArchiveConfig())
     with tempfile.TemporaryDirectory() as d:
-        bomb = directory_zip(Path(d) / "bomb.zip", members)
-        slice_ = directory_zip(Path(d) / "slice.zip", max(1, members // 100))
+        bomb = directory_zip(Path(d) / "bomb.zip", members, zip64=True)
+        slice_ = directory_zip(Path(d) / "slice.zip", max(1, members // 100), zip64=True)
         data = bomb.read_bytes()        # as it arrives over gRPC: bytes in memory
         times, peaks, base_t, base_peaks = [], [], [], []
         for _ in range(rounds):
