@@ -131,6 +131,12 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
             ("grpc.max_send_message_length", limit),
             # grpc enables SO_REUSEPORT by default: a second worker would share the port silently.
             ("grpc.so_reuseport", 0),
+            # A fixed per-stream receive window bounds what an unauthenticated caller can make
+            # grpc buffer before the interceptor refuses it. With BDP probing the window grows
+            # to tens of MiB on a fast link, and a 10-call flood cost the server up to 100 MiB.
+            # 4 MiB still gives ~48 MiB/s uploads at 50 ms RTT (measured through a delaying proxy).
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         ],
     )
     add_worker_service(server, generation, ServedCalls(acceptor, logger=logger, clock=clock, node_id=node_id))
@@ -161,6 +167,7 @@ def start_worker_server(cfg: ServerConfig, acceptor: TaskAcceptor, *, logger: lo
 
 
 MIB = 1024 * 1024
+STREAM_WINDOW_BYTES = 4 * MIB
 
 
 def message_limit(cfg: ServerConfig, max_archive_mb: int | None) -> int:
