@@ -7,7 +7,9 @@ turns a list of them into the table, JSON and plot. Times are monotonic seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,7 @@ MIB = 1024 * 1024
 # The worker runs rootful Podman here because the bare `podman run` baseline runs as root too.
 PODMAN: dict[str, Any] = {"kind": "podman", "podman": {"mode": "rootful", "image": IMAGE}}
 VENV: dict[str, Any] = {"kind": "venv"}
+ROOTLESS_USER = "hivemind"     # executor.podman.rootless_user's default, set up by scripts/setup
 
 
 @dataclass
@@ -168,8 +171,18 @@ def dispatch_latency(executor: str, runs: int, log: Callable[[str], None]) -> Me
 
 
 # -- throughput ----------------------------------------------------------------------------------
-def xargs_podman_s(n: int, slots: int) -> float:
-    argv = ["xargs", "-P", str(slots), "-I{}", *bare_podman_argv()]
+def rootless_prefix() -> list[str]:
+    """How the rootless baseline runs podman: as executor.podman.rootless_user, in its session."""
+    import pwd
+
+    user = pwd.getpwnam(ROOTLESS_USER)
+    return ["runuser", "-u", ROOTLESS_USER, "--", "env", f"XDG_RUNTIME_DIR=/run/user/{user.pw_uid}",
+            f"HOME={user.pw_dir}"]
+
+
+def xargs_podman_s(n: int, slots: int, mode: str = "rootful") -> float:
+    prefix = rootless_prefix() if mode == "rootless" else []
+    argv = ["xargs", "-P", str(slots), "-I{}", *prefix, *bare_podman_argv()]
     t0 = time.monotonic()
     subprocess.run(argv, input="".join(f"{i}\n" for i in range(n)).encode(), stdout=subprocess.DEVNULL, check=True)
     return time.monotonic() - t0
@@ -198,29 +211,68 @@ def worker_batch_s(setup: Setup, n: int, prefix: str) -> float:
     return elapsed
 
 
-def throughput(n: int, repeats: int, log: Callable[[str], None]) -> Measurement:
+TIMING_LINE = re.compile(r"task (\S+) timing: (.*)$")
+
+
+def phase_medians(log_text: str, prefix: str) -> dict[str, float]:
+    """Median length (ms) of each phase over the batch's tasks, from the worker's `task.timing`
+    log lines (the runner's marks: quota, workspace, prepared, created, container_started,
+    started, first_output, exited, collected, packed, removed)."""
+    per_phase: dict[str, list[float]] = {}
+    for line in log_text.splitlines():
+        m = TIMING_LINE.search(line)
+        if m is None or not m.group(1).startswith(prefix + "-"):
+            continue
+        for part in m.group(2).split(", "):
+            name, _, rest = part.partition(" ")
+            with contextlib.suppress(ValueError):
+                per_phase.setdefault(name, []).append(float(rest.split()[0]))
+    return {k: statistics.median(v) for k, v in per_phase.items()}
+
+
+def phase_note(phases: dict[str, float]) -> str:
+    return "per task, median ms: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
+
+
+def throughput(n: int, repeats: int, log: Callable[[str], None], mode: str = "rootful") -> Measurement:
     slots = os.cpu_count() or 2
     worker: list[float] = []
     bare: list[float] = []
     busy: list[float] = []
     daemon_cpu: list[float] = []
-    with Setup(PODMAN, extra={"executor": {"slots": slots}}) as setup:
+    own_cpu: list[float] = []
+    phases: dict[str, list[float]] = {}
+    cfg = {**PODMAN, "podman": {**PODMAN["podman"], "mode": mode}}
+    with Setup(cfg, extra={"executor": {"slots": slots}}) as setup:
         daemon = psutil.Process(setup.worker.pid)
         worker_batch_s(setup, slots, "warm")
         for r in range(repeats):
-            bare.append(n / xargs_podman_s(n, slots))
-            m0, d0 = psutil.cpu_times(), _tree_cpu(daemon)
+            bare.append(n / xargs_podman_s(n, slots, mode))
+            m0, d0, own0 = psutil.cpu_times(), _tree_cpu(daemon), _own_cpu(daemon)
             worker.append(n / worker_batch_s(setup, n, f"tp{r}"))
-            m1, d1 = psutil.cpu_times(), _tree_cpu(daemon)
+            m1, d1, own1 = psutil.cpu_times(), _tree_cpu(daemon), _own_cpu(daemon)
+            own_cpu.append(1000.0 * (own1 - own0) / n)
             busy.append(100.0 * (1 - (m1.idle - m0.idle) / (sum(m1) - sum(m0))))
             daemon_cpu.append(1000.0 * (d1 - d0) / n)
-            log(f"throughput round {r}: worker {worker[-1]:.2f}/s, xargs {bare[-1]:.2f}/s, "
-                f"machine {busy[-1]:.0f} % busy, daemon+podman service {daemon_cpu[-1]:.0f} ms CPU/task")
-    return Measurement(f"throughput, {n} tasks, {slots} slots", "tasks/s", worker, bare,
-                       f"xargs -P {slots} podman run", ">= 0.8x xargs", "ratio_min", 0.8,
+            round_phases = phase_medians(setup.worker.log_path.read_text(errors="replace"), f"tp{r}")
+            for k, v in round_phases.items():
+                phases.setdefault(k, []).append(v)
+            log(f"throughput {mode} round {r}: worker {worker[-1]:.2f}/s, xargs {bare[-1]:.2f}/s, "
+                f"machine {busy[-1]:.0f} % busy, daemon+podman service {daemon_cpu[-1]:.0f} ms CPU/task "
+                f"(daemon alone {own_cpu[-1]:.0f}); "
+                f"{phase_note(round_phases)}")
+    return Measurement(f"throughput {mode}, {n} tasks, {slots} slots", "tasks/s", worker, bare,
+                       f"xargs -P {slots} podman run ({mode})", ">= 1.0x xargs", "ratio_min", 1.0,
                        ["ExecuteTask driven directly (retry 10 ms after a decline), not the pool's 10 s rounds",
                         f"during the worker's batches: machine {statistics.median(busy):.0f} % busy, daemon and its "
-                        f"podman service {statistics.median(daemon_cpu):.0f} ms CPU per task"])
+                        f"podman service {statistics.median(daemon_cpu):.0f} ms CPU per task (the daemon alone "
+                        f"{statistics.median(own_cpu):.0f} ms)",
+                        phase_note({k: statistics.median(v) for k, v in phases.items()})])
+
+
+def _own_cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 def _tree_cpu(proc: psutil.Process) -> float:

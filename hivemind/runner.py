@@ -4,6 +4,7 @@ The order at the end is what makes a crash harmless (fault points in brackets):
 
     task ends [task_exited] → output log closed → result.zip packed and fsynced [result_packed]
       → `result_ready`: the worker records "result pending" [result_pending]
+      → `released`: the slot is free for the next task
       → container/processes and workspace removed → `finished`: output rest, then the upload
 
 Until "result pending" is committed, the container (or the venv task's exit record) and the
@@ -49,6 +50,7 @@ from hivemind.output import TaskOutput
 from hivemind.tasks.entry import discover_entry, find_requirements
 from hivemind.tasks.record import build_record
 from hivemind.tasks.store import fsync_file
+from hivemind.tasks.timing import PhaseClock
 from hivemind.tasks.usage import UsageTracker
 
 STATS_INTERVAL_S = 2.0
@@ -82,6 +84,7 @@ class TaskRunner:
                  accepted_at: float, handle: TaskHandle | None = None,
                  clock: Callable[[], float] = time.time, quota: DiskQuota | None = None,
                  result_ready: Callable[[RunnerResult], None] = lambda res: None,
+                 released: Callable[[RunnerResult], object] = lambda res: None,
                  context: Mapping[str, str] | None = None) -> None:
         self.task_id = task_id
         self._executor = executor
@@ -99,6 +102,7 @@ class TaskRunner:
         self._started_cb = started
         self._finished_cb = finished
         self._result_ready_cb = result_ready
+        self._released_cb = released
         self._log = logger
         self._clock = clock
         self._handle = handle            # set: reattach to a task an earlier daemon started
@@ -106,6 +110,7 @@ class TaskRunner:
         self.quota_info: QuotaInfo = NO_QUOTA
         self.quota_hit = False
         self.accepted_at = accepted_at
+        self.timing = PhaseClock(accepted_at, clock)
         self.started_at: float | None = None
         self.stop_requested = threading.Event()
         self.stop_reason = ""
@@ -167,6 +172,7 @@ class TaskRunner:
         if self._quota is not None:
             # Before extraction: the archive's files count toward the quota too.
             self.quota_info = self._quota.apply(self.task_id, ws, self._mount_namespaces())
+            self.timing.mark("quota")
         archive = self._archive
         if isinstance(archive, Path):
             archive = archive.read_bytes()
@@ -175,6 +181,7 @@ class TaskRunner:
         extract_task_archive(archive, ws, self._rules)
         # The archive may be hundreds of MB: don't keep it for the whole run.
         self._archive = archive = None
+        self.timing.mark("workspace")
         faults.hit("preparing", self.task_id)
         entry = discover_entry(ws)
         timeout = min(self._timeout, entry.timeout_s) if entry.timeout_s else self._timeout
@@ -194,12 +201,15 @@ class TaskRunner:
         if self.stop_requested.is_set():
             now = self._clock()
             return ExitResult(None, ExitReason.STOPPED, now, now, message=self.stop_reason)
+        self.timing.mark("prepared")
         self.started_at = self._clock()
         if self._paths.starting is not None:
             # A restarted worker that finds this without a handle can't know whether the task ran:
             # it reports it lost rather than starting it a second time.
             self._paths.starting.touch()
         handle = self._executor.start(spec, self.output)
+        self.timing.merge(handle.state.get("timing") or {})
+        self.timing.mark("started")
         handle = dataclasses.replace(handle, state={**handle.state, "archive_sha256": self.archive_sha256})
         self._handle = handle
         self._started_cb(handle)
@@ -275,7 +285,13 @@ class TaskRunner:
         self._finish(result)
 
     def _finish(self, result: ExitResult) -> None:
+        if result.finished_at:
+            self.timing.mark("exited", result.finished_at)
+        self.timing.mark("collected")
+        if self.output.first_line_at is not None:
+            self.timing.mark("first_output", self.output.first_line_at)
         self._facts = self.facts()      # kept: cleanup below makes the executor forget the task
+        self.timing.merge(self._facts.timing)
         self.output.close()
         record = self.execution_record(result)
         self._paths.result_zip.parent.mkdir(parents=True, exist_ok=True)
@@ -298,11 +314,15 @@ class TaskRunner:
             _write_minimal_result(self._paths.result_zip, record, self._paths.output_log)
             truncated = True
         fsync_file(self._paths.result_zip)
+        self.timing.mark("packed")
         faults.hit("result_packed", self.task_id)
         res = RunnerResult(result, self._paths.result_zip, truncated, record, self.output.tail(50))
         # Durable before anything it stands for is removed: after this a restart only resends.
         self._result_ready_cb(res)
         faults.hit("result_pending", self.task_id)
+        # The task holds nothing any more (its process is gone, the result is safe): its slot
+        # goes to the next task now, not after the container and workspace are removed.
+        self._released_cb(res)
         try:
             self._executor.cleanup(self.task_id)
         except Exception as exc:
@@ -314,8 +334,14 @@ class TaskRunner:
         for leftover in (self._paths.archive, self._paths.starting):
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
+        self.timing.mark("removed")
         self._log.info("task %s ended: %s (exit code %s)", self.task_id, result.reason.value,
                        result.exit_code, extra={**self._extra, "event": "task.ended"})
+        phases = self.timing.durations()
+        self._log.info("task %s timing: %s", self.task_id,
+                       ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in phases.items()),
+                       extra={**self._extra, "event": "task.timing",
+                              "timing": json.dumps(phases, separators=(",", ":"))})
         self._finished_cb(res)
 
     def execution_record(self, result: ExitResult) -> dict[str, Any]:
@@ -325,6 +351,8 @@ class TaskRunner:
                             tracker=self.usage, archive_sha256=self.archive_sha256,
                             context=self._context, extra={
                                 "output": self.output.summary(),
+                                # Seconds after acceptance at which each phase ended.
+                                "timing": self.timing.since_accepted(),
                                 # What the executor could really give this task (venv: uid,
                                 # namespaces), as it said.
                                 "isolation": dict(self._handle.state.get("isolation") or {})

@@ -266,7 +266,7 @@ class Worker:
             advance=self._advance, started=lambda h: self._started(task_id, h),
             finished=self._finished_run, logger=self._log, accepted_at=accepted_at, handle=handle,
             clock=self._clock, quota=self.quota, result_ready=self._result_ready,
-            context=self.context)
+            released=self._released, context=self.context)
         with self._lock:
             self._runners[task_id] = runner
         self.streamer.add(output)
@@ -294,12 +294,21 @@ class Worker:
         before any pool call."""
         self.store.mark_result_pending(res.record["task_id"], res.result_zip)
 
+    def _released(self, res: RunnerResult) -> TaskRecord:
+        """The run is over and its result pending: UPLOADING gives the reservation back, so
+        the next task is admitted while this one's container and workspace are removed. (A crash
+        before the removal ends leaves an orphan container and mount, which recovery sweeps.)"""
+        task_id = res.record["task_id"]
+        rec = self.lifecycle.get(task_id)
+        if rec is not None and rec.state not in ACTIVE:
+            return rec
+        return self.lifecycle.advance(task_id, TaskState.UPLOADING, outcome=_outcome(res.exit),
+                                      exit_code=res.exit.exit_code, reason=res.exit.reason.value,
+                                      message=res.exit.message[:500])
+
     def _finished_run(self, res: RunnerResult) -> None:
         task_id = res.record["task_id"]
-        outcome = _outcome(res.exit)
-        rec = self.lifecycle.advance(task_id, TaskState.UPLOADING, outcome=outcome,
-                                     exit_code=res.exit.exit_code, reason=res.exit.reason.value,
-                                     message=res.exit.message[:500])
+        rec = self._released(res)
         with self._lock:
             self._runners.pop(task_id, None)
             self._finished[task_id] = res
@@ -454,7 +463,7 @@ class Worker:
             max_result_bytes=self._result_cap(), stop_grace_s=0, task_timeout_s=1, output=output,
             advance=self._advance, started=lambda h: None, finished=self._finished_run,
             logger=self._log, accepted_at=rec.accepted_at, clock=self._clock, quota=self.quota,
-            result_ready=self._result_ready,
+            result_ready=self._result_ready, released=self._released,
             context=self.context)
         with self._lock:
             self._runners[rec.task_id] = runner

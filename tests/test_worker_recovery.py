@@ -196,6 +196,7 @@ def test_a_pending_result_is_resent_never_reattached(node: Node) -> None:
     a = node.worker(a_ex)
     a.uploader.stop()                              # A dies before any upload
     a._finished_run = lambda res: None             # type: ignore[method-assign]
+    a._released = lambda res: None                 # type: ignore[method-assign,assignment,return-value]
     assert a.execute(req("t1")).accepted
     wait_for(lambda: "t1" in a_ex.release, 10, "started")
     a_ex.release["t1"].set()

@@ -125,11 +125,13 @@ class TaskFacts:
     is None where the kernel does not enforce it, and `how` names the cgroup file read or why.
     `provenance`: what ran the task (image ID and digest, or interpreter and venv hash; mode).
     `usage`: the executor's own totals from its sampling (source, max_pids).
+    `timing`: the executor's own phase marks (e.g. output_closed, waited), for the task timing.
     """
 
     applied: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     usage: Mapping[str, Any] = field(default_factory=dict)
+    timing: Mapping[str, float] = field(default_factory=dict)   # phase -> when it ended (wall)
 
 
 @dataclass(frozen=True)
