@@ -261,3 +261,30 @@ def test_polling_sees_through_an_unreadable_directory(base: Path) -> None:
         assert quota.exceeded("t5")
     finally:
         hidden.chmod(0o700)
+
+
+@needs_loop
+def test_direct_loop_mount_enforces_the_size_and_detaches_its_device(tmp_path: Path) -> None:
+    from hivemind.executors.loop_mount import loop_mount, unmount
+
+    image, target = tmp_path / "fs.img", tmp_path / "mnt"
+    target.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", str(image)], check=True)
+    dev = loop_mount(image, target)
+    backing = Path("/sys/block", Path(dev).name, "loop", "backing_file")
+    try:
+        assert os.path.ismount(target)
+        assert backing.read_text().strip() == str(image)
+        with pytest.raises(OSError) as err, open(target / "big", "wb") as f:
+            for _ in range(16):
+                f.write(b"\0" * 1024 * 1024)
+                f.flush()
+                os.fsync(f.fileno())
+        assert err.value.errno == 28      # ENOSPC: the filesystem's own size is the quota
+    finally:
+        unmount(target)
+    assert not os.path.ismount(target)
+    # Autoclear: the device let go of the image once the filesystem was unmounted.
+    assert not backing.exists() or backing.read_text().strip() != str(image)

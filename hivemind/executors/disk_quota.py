@@ -23,6 +23,7 @@ longer knows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hivemind.errors import HivemindError
+from hivemind.executors.loop_mount import loop_mount, unmount
 
 MiB = 1024 * 1024
 POLL_INTERVAL_S = 2.0
@@ -215,7 +217,11 @@ class DiskQuota:
             if not self._take_spare(image, quota):
                 self._format(image, quota)
             threading.Thread(target=self._make_spare, name="quota-spare", daemon=True).start()
-            _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(workspace)])
+            try:
+                loop_mount(image, workspace)
+            except OSError as exc:   # an old kernel or no free device: mount(8) finds one
+                self._log.debug("direct loop mount failed (%s); using mount(8)", exc)
+                _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(workspace)])
         except (OSError, DiskQuotaError) as exc:
             with contextlib.suppress(OSError):
                 image.unlink()
@@ -324,12 +330,21 @@ class DiskQuota:
         if not os.path.ismount(workspace):
             return
         try:
+            try:
+                unmount(workspace)
+                return
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise DiskQuotaError(str(exc)) from None
             _run(["umount", str(workspace)])
         except DiskQuotaError:
             # Still busy (a process of the task holds a file): detach it now, the kernel frees
             # it when the last user goes.
-            with contextlib.suppress(DiskQuotaError):
-                _run(["umount", "-l", str(workspace)])
+            try:
+                unmount(workspace, lazy=True)
+            except OSError:
+                with contextlib.suppress(DiskQuotaError):
+                    _run(["umount", "-l", str(workspace)])
 
     def close(self) -> None:
         """Remove the spare image (and half-made ones); running tasks keep theirs."""
