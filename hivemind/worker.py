@@ -138,14 +138,22 @@ class Worker:
             return Decision(False, "task archive is empty")
         if size > self._rules.max_archive_bytes:
             return Decision(False, f"task archive of {size} bytes exceeds the cap of {self._rules.max_archive_bytes} bytes")
-        try:
-            inspect_task_archive(req.task_zip, self._rules)
-        except ArchiveRejected as exc:
-            self._log.info("task %s refused: %s", task_id, exc, extra={"task_id": task_id, "event": "task.refused"})
-            return Decision(False, f"archive rejected: {exc}")
         request = self._request_for(req)
         if isinstance(request, str):
             return Decision(False, request)
+        # A full worker (or one that knows the id: admit answers duplicates) says so before
+        # reading the archive: a pool retrying a busy node costs it one lock, not a zip parse.
+        known = self.lifecycle.known(task_id)
+        busy = "" if known else self.lifecycle.refusal(request)
+        if busy:
+            return Decision(False, busy)
+        if not known:
+            try:
+                inspect_task_archive(req.task_zip, self._rules)
+            except ArchiveRejected as exc:
+                self._log.info("task %s refused: %s", task_id, exc,
+                               extra={"task_id": task_id, "event": "task.refused"})
+                return Decision(False, f"archive rejected: {exc}")
         wants_gpu = req.gpu_score > 0 or req.gpu_memory_gb > 0
         if wants_gpu:
             gpu, why = self._pick_gpu(req.gpu_memory_gb)

@@ -189,3 +189,29 @@ def test_idle_only_while_a_default_request_fits(worker) -> None:
     # Memory counts the same way: a default request needs resources.default_memory_gb.
     assert w.execute(req("most-memory", mem=16)).accepted
     assert w.lifecycle.free().memory_bytes < GIB and w.is_idle() is False
+
+
+def test_a_full_worker_declines_before_reading_the_archive(worker, monkeypatch) -> None:
+    """Bench rows drive ExecuteTask against a full worker in a tight loop (as a pool retrying
+    a busy node does): such a call must not cost a zip parse, but a fitting one still gets it."""
+    import hivemind.worker as worker_module
+
+    w, ex, _ = worker
+    parsed: list[int] = []
+    real = worker_module.inspect_task_archive
+    monkeypatch.setattr(worker_module, "inspect_task_archive",
+                        lambda data, rules: (parsed.append(len(data)), real(data, rules))[1])
+    for i in range(3):
+        assert w.execute(req(f"f{i}")).accepted
+    assert len(parsed) == 3
+    d = w.execute(req("f3"))
+    assert not d.accepted and "slot" in d.message.lower()
+    assert len(parsed) == 3, "a full worker parsed the archive of a task it could not take"
+    dup = w.execute(req("f0"))                 # a known id still gets its own answer
+    assert dup.accepted and "already" in dup.message
+    bad = ExecuteRequest("f4", b"this is not a zip archive", 0, 0, 1, 0, "test")
+    wait_for(lambda: "f0" in ex.release, 10, "f0 started")
+    ex.release["f0"].set()
+    wait_for(lambda: w.lifecycle.free().slots >= 1, 10, "a slot free again")
+    d = w.execute(bad)
+    assert not d.accepted and "archive" in d.message and len(parsed) == 4

@@ -206,6 +206,12 @@ class Lifecycle:
         with self._lock:
             return task_id in self._seen
 
+    def refusal(self, request: Resources, gpu_count: int = 0) -> str:
+        """Why `admit(request)` would be refused for want of resources now ("" if it fits);
+        reserves nothing. Lets a caller decline cheaply before costlier checks."""
+        with self._lock:
+            return _refusal(request, gpu_count, self._free_locked(), self._capacity)
+
     def _reserved_locked(self) -> Resources:
         # Derived from the holding tasks, never kept as a running total, so it cannot drift.
         return _sum(r.granted for r in self._tasks.values() if r.holding)
