@@ -320,9 +320,11 @@ class TaskRunner:
         # Durable before anything it stands for is removed: after this a restart only resends.
         self._result_ready_cb(res)
         faults.hit("result_pending", self.task_id)
+        self.timing.mark("pending")
         # The task holds nothing any more (its process is gone, the result is safe): its slot
         # goes to the next task now, not after the container and workspace are removed.
         self._released_cb(res)
+        self.timing.mark("released")
         try:
             self._executor.cleanup(self.task_id)
         except Exception as exc:
