@@ -165,6 +165,22 @@ def test_exit_codes_and_failed_start(ex: PodmanExecutor, tmp_path: Path) -> None
     assert "entry point" in res.message
 
 
+def test_a_task_that_closes_its_output_is_not_taken_for_ended(ex: PodmanExecutor,
+                                                              tmp_path: Path) -> None:
+    """The end of a task's output is only a hint that it exited (the exit is then seen by a
+    quick inspect): a task that closes stdout and stderr and runs on is waited for."""
+    spec = _task(tmp_path, "import os, time\nprint('bye', flush=True)\nos.close(1)\nos.close(2)\n"
+                           "time.sleep(1.5)\nopen('/workspace/done', 'w').write('1')\n")
+    sink = Sink()
+    ex.start(spec, sink)
+    res = ex.wait("t1", 60)
+    assert res is not None and res.reason == ExitReason.EXITED and res.exit_code == 0, res
+    assert (spec.workspace / "done").read_text() == "1"
+    assert sink.texts() == ["bye"]
+    assert res.finished_at is not None and res.started_at is not None
+    assert res.finished_at - res.started_at >= 1.4
+
+
 def test_memory_limit_ends_out_of_memory(ex: PodmanExecutor, tmp_path: Path) -> None:
     spec = _task(tmp_path, "b = []\nwhile True: b.append(bytearray(8 * 1024 * 1024))\n",
                  memory_bytes=64 * MiB)

@@ -215,3 +215,28 @@ def test_a_full_worker_declines_before_reading_the_archive(worker, monkeypatch) 
     wait_for(lambda: w.lifecycle.free().slots >= 1, 10, "a slot free again")
     d = w.execute(bad)
     assert not d.accepted and "archive" in d.message and len(parsed) == 4
+
+
+def test_the_slot_is_free_while_the_last_task_is_still_being_removed(worker) -> None:
+    """Removing a container takes ~100 ms of Podman's time: the next task must not wait for it,
+    and the result must not leave before the removal is done."""
+    w, ex, delivered = worker
+    removing = threading.Event()
+    removed = threading.Event()
+
+    def slow_cleanup(task_id: str) -> None:
+        removing.set()
+        assert removed.wait(10)
+        ex.cleaned.append(task_id)
+
+    ex.cleanup = slow_cleanup                  # type: ignore[method-assign]
+    for i in range(3):
+        assert w.execute(req(f"s{i}")).accepted
+    wait_for(lambda: "s0" in ex.release, 10, "s0 started")
+    ex.release["s0"].set()
+    assert removing.wait(10), "cleanup never started"
+    d = w.execute(req("s3"))
+    assert d.accepted, f"the next task waited for the removal: {d.message}"
+    assert delivered == [], "the result left before its container was removed"
+    removed.set()
+    wait_for(lambda: "s0" in delivered, 10, "s0's result after the removal")
