@@ -57,3 +57,17 @@ def test_bench_run_quick_end_to_end(tmp_path: Path) -> None:
     assert "dispatch latency, cached venv" in proc.stdout
     # Nothing left behind: no bench state directories, no worker daemons.
     assert set(Path("/var/tmp").glob("hivemind-bench-*")) <= before
+
+
+def test_phase_medians_read_the_workers_timing_lines() -> None:
+    from bench_e2e import phase_medians, phase_note
+
+    log = "\n".join([
+        "2026-12-02 INFO task tp0-1 timing: quota 10 ms, created 40 ms, removed 100 ms",
+        "2026-12-02 INFO task tp0-2 timing: quota 30 ms, created 20 ms, removed 80 ms",
+        "2026-12-02 INFO task warm-1 timing: quota 999 ms",          # another batch: not counted
+        "2026-12-02 INFO task tp0-3 ended: exited (exit code 0)",
+    ])
+    phases = phase_medians(log, "tp0")
+    assert phases == {"quota": 20.0, "created": 30.0, "removed": 90.0}
+    assert phase_note(phases) == "per task, median ms: quota 20, created 30, removed 90"
