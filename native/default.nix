@@ -1,5 +1,6 @@
-# libhivemindmetrics.so: the Go metrics library loaded by hivemind.metrics.native (ctypes).
-# Standard library only, so no vendoring; built as a C shared library like native/Makefile does.
+# libhivemindmetrics.so: the Go metrics library loaded by hivemind.metrics.native (ctypes), and
+# hm-sandbox-init, the venv tasks' namespace init (hivemind.executors.namespaces).
+# Standard library only, so no vendoring; built like native/Makefile does.
 { lib
 , stdenv
 , go
@@ -31,6 +32,7 @@ stdenv.mkDerivation {
     runHook preBuild
     export HOME=$TMPDIR GOCACHE=$TMPDIR/go-cache
     go build -buildmode=c-shared -ldflags="-s -w" -o libhivemindmetrics.so .
+    CGO_ENABLED=0 go build -ldflags="-s -w" -o hm-sandbox-init ./sandbox-init
     if [ -f check_header.sh ]; then sh check_header.sh libhivemindmetrics.h hivemind_metrics.h; fi
     runHook postBuild
   '';
@@ -45,6 +47,7 @@ stdenv.mkDerivation {
   installPhase = ''
     runHook preInstall
     install -Dm0755 libhivemindmetrics.so $out/lib/libhivemindmetrics.so
+    install -Dm0755 hm-sandbox-init $out/bin/hm-sandbox-init
     install -Dm0644 hivemind_metrics.h $out/include/hivemind_metrics.h
     runHook postInstall
   '';

@@ -26,11 +26,14 @@ python3Packages.buildPythonApplication {
   # nixpkgs moves these independently of PyPI; the code needs only their stable APIs.
   pythonRelaxDeps = [ "grpcio" "protobuf" "podman" ];
 
-  # The Go metrics library sits where hivemind.metrics.native looks for an installed copy.
+  # The Go metrics library and the sandbox init sit where hivemind looks for installed copies
+  # (hivemind.metrics.native, hivemind.executors.namespaces).
   postInstall = lib.optionalString (native != null) ''
     mkdir -p $out/${python3Packages.python.sitePackages}/hivemind/_native
     ln -s ${native}/lib/libhivemindmetrics.so \
       $out/${python3Packages.python.sitePackages}/hivemind/_native/libhivemindmetrics.so
+    ln -s ${native}/bin/hm-sandbox-init \
+      $out/${python3Packages.python.sitePackages}/hivemind/_native/hm-sandbox-init
   '';
 
   # util-linux: the venv executor's tests run tasks through prlimit and setpriv.

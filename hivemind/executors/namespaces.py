@@ -28,9 +28,11 @@ executor reports what it could not apply.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")   # noqa: S108 - the dirs made private
 # Mounts a task has no business with, which its namespace would otherwise keep alive: Podman's
@@ -70,11 +72,36 @@ def unshare_argv(*, net: bool) -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount-proc", *(["--net"] if net else []), "--"]
 
 
+SANDBOX_INIT = "hm-sandbox-init"
+
+
+def sandbox_init_binary() -> Path | None:
+    """The compiled init (native/sandbox-init): an installed `hivemind/_native/` copy, then a
+    checkout's `native/build/`; None where neither was built (the shell init is used)."""
+    package = Path(__file__).resolve().parent.parent        # hivemind/
+    for candidate in (package / "_native" / SANDBOX_INIT,
+                      package.parent / "native" / "build" / SANDBOX_INIT):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def sandbox_init_argv(keep: list[str], tmpfs_bytes: int, writable: str | None = None,
-                      hide_under: str | None = None) -> list[str]:
-    """`sh -c` that mounts the private dirs, restores `keep` paths, unmounts foreign mounts
-    (and any under `hide_under` but `keep`), makes the root mount read-only except `writable`
-    (one of `keep`), then execs the rest of argv."""
+                      hide_under: str | None = None, *, compiled: bool = True) -> list[str]:
+    """What mounts the private dirs, restores `keep` paths, unmounts foreign mounts (and any
+    under `hide_under` but `keep`), makes the root mount read-only except `writable` (one of
+    `keep`), then execs the rest of argv: the compiled init where it was built (one process,
+    ~1 ms), else the same steps in `sh -c` (~25 ms of mount, umount, awk and sort processes)."""
+    binary = sandbox_init_binary() if compiled else None
+    if binary is not None:
+        return [str(binary), "--tmpfs-kib", str(max(1, tmpfs_bytes // 1024)),
+                *(["--writable", writable] if writable is not None else []),
+                *(["--hide-under", hide_under] if hide_under else []), *keep, "--"]
+    return _shell_init_argv(keep, tmpfs_bytes, writable, hide_under)
+
+
+def _shell_init_argv(keep: list[str], tmpfs_bytes: int, writable: str | None,
+                     hide_under: str | None) -> list[str]:
     fds = [_FIRST_FD + i for i in range(len(keep))]
     lines = ["set -e"]
     if keep:
