@@ -31,7 +31,7 @@ WITH_STATUS = PODMAN_2026_04.replace('WorkerMetrics("0").render()', """
 import logging
 from hivemind.status.app import create_app
 from hivemind.status.server import StatusServer
-create_app(object(), metrics=WorkerMetrics("0"), token=None, reads_need_token=False,  # type: ignore
+create_app(object(), metrics=WorkerMetrics("0"), token=None, reads_need_token=False,
            logger=logging.getLogger("t"))
 """)
 
