@@ -15,7 +15,6 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -40,16 +39,34 @@ from hivemind.tasks.usage import node_percentages
 from hivemind.worker import GIB, Capacity, Worker
 from hivemind.worker_view import ViewState, WarningLog, WorkerView
 
-LOOP_TICK_S = 1.0  # status line, metrics and signal flags; SIGTERM wakes it at once
+# How often the main loop refreshes the status line and the machine metrics. Signals and task
+# state changes wake it at once, so the tick only paces the metrics: every second while tasks
+# run, every few seconds when idle (that refresh was most of the idle daemon's CPU time). The
+# idle tick stays well inside the loop heartbeat's 15 s, which the watchdog checks.
+LOOP_TICK_S = 1.0
+IDLE_TICK_S = 5.0
 EXIT_NO_EXECUTOR = 3
 EXIT_STARTUP = 2      # the environment keeps the worker from starting (as config errors)
 
 
-@dataclass
+class _Flag(threading.Event):
+    """An Event whose set() also wakes the main loop, wherever it is set from."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake.set()
+
+
 class Signals:
-    stop: threading.Event = field(default_factory=threading.Event)
-    reload: threading.Event = field(default_factory=threading.Event)
-    hang: threading.Event = field(default_factory=threading.Event)   # debug: see _install_signals
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.stop: threading.Event = _Flag(self.wake)
+        self.reload: threading.Event = _Flag(self.wake)
+        self.hang: threading.Event = _Flag(self.wake)   # debug: see _install_signals
 
 
 def advertised_host(cfg: Config) -> str:
@@ -165,6 +182,7 @@ class Daemon:
                 self.prom.observe_start_latency(max(0.0, rec.started_at - rec.accepted_at))
         if name == "state":
             self._count_states()
+            self.signals.wake.set()   # the status line follows the task at once
             if self.session is not None:
                 self.session.poke()  # Idle/Busy may have changed: tell the pool now
 
@@ -319,7 +337,9 @@ class Daemon:
             if line != last_status:
                 self.notifier.status(line)
                 last_status = line
-            self.signals.stop.wait(LOOP_TICK_S)
+            # Cleared before the flags are read again at the top: a signal in between is seen.
+            self.signals.wake.wait(IDLE_TICK_S if self.worker.is_idle() else LOOP_TICK_S)
+            self.signals.wake.clear()
 
     def _refresh_metrics(self) -> None:
         try:

@@ -320,6 +320,7 @@ class OutputStreamer:
         with self._lock:
             self._followed[out.task_id] = _Followed(out)
         out.on_urgent = self._flush_soon
+        self._wake.set()   # the loop may be sleeping without a deadline (nothing was followed)
 
     def _flush_soon(self, out: TaskOutput) -> None:
         # Called from an executor's reader thread: hand over to the streamer thread, never send here.
@@ -390,7 +391,12 @@ class OutputStreamer:
     def _loop(self) -> None:
         next_round = time.monotonic() + self._interval
         while not self._stop.is_set():
-            self._wake.wait(max(0.0, next_round - time.monotonic()))
+            with self._lock:
+                idle = not self._followed and not self._urgent
+            # With no task to follow there is nothing to send: sleep until add() or stop().
+            self._wake.wait(None if idle else max(0.0, next_round - time.monotonic()))
+            if idle:
+                next_round = time.monotonic() + self._interval   # a new task: its first round
             # Cleared before the swap below: a request made after the swap sets it again.
             self._wake.clear()
             if self._stop.is_set():

@@ -197,3 +197,30 @@ def test_refused_output_is_given_up_after_a_few_tries(tmp_path: Path) -> None:
         streamer.flush_all()
     assert done.is_set() and len(calls) == 5
     out.close()
+
+
+def test_an_idle_streamer_wakes_for_each_new_task(tmp_path: Path) -> None:
+    # With no task followed the streamer sleeps without a deadline; add() must wake it, and its
+    # periodic rounds must resume for the task's later (non-urgent) lines, task after task.
+    sent: list[str] = []
+    streamer = OutputStreamer(lambda task_id, text: sent.append(text), 0.02, 1024, LOG)
+    streamer.start()
+    try:
+        for n in range(2):
+            out = TaskOutput(f"t{n}", tmp_path / f"o{n}.log")
+            done = threading.Event()
+            streamer.add(out)
+            # Preparation lines are never urgent: only a periodic round sends them.
+            out(line(f"t{n}-prep", stream="prepare"))
+            wait_for(lambda n=n: f"t{n}-prep" in "".join(sent), 10, "the preparation line, sent by a round")
+            out(line(f"first{n}"))
+            for i in range(3):
+                out(line(f"t{n}-l{i}"))
+            wait_for(lambda n=n: f"t{n}-l2\n" in "".join(sent), 10, "the later lines, sent by a round")
+            out.close()
+            streamer.finish(f"t{n}", then=done.set)
+            assert done.wait(10)
+            wait_for(lambda: not streamer._followed, 10, "the streamer to go idle")
+    finally:
+        streamer.stop()
+    assert "".join(sent).count("first1\n") == 1

@@ -19,14 +19,12 @@ import hmac
 import json
 import logging
 import re
-from importlib import metadata
 from importlib import resources as pkg_resources
 from typing import Any
 
 import falcon
 
 from hivemind.secrets import Secret
-from hivemind.status.openapi import openapi_document
 from hivemind.status.prom import CONTENT_TYPE, WorkerMetrics
 from hivemind.status.view import StatusView
 
@@ -139,10 +137,18 @@ class _Metrics:
 
 
 class _OpenAPI:
+    """Built on the first request: the document and the package metadata lookup behind its
+    version would otherwise stay resident in every daemon, and few clients ever ask."""
+
     def __init__(self, version: str) -> None:
-        self._doc = openapi_document(version)
+        self._version = version
+        self._doc: dict[str, Any] | None = None
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if self._doc is None:
+            from hivemind.status.openapi import openapi_document
+
+            self._doc = openapi_document(self._version or _package_version())
         _send_json(resp, self._doc)
 
 
@@ -244,6 +250,8 @@ def _serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTT
 
 
 def _package_version() -> str:
+    from importlib import metadata
+
     try:
         return metadata.version("hivemind-worker")
     except metadata.PackageNotFoundError:
@@ -255,7 +263,6 @@ def create_app(view: StatusView, *, metrics: WorkerMetrics, token: Secret | None
     """The WSGI app. `reads_need_token` must be True for any non-loopback bind."""
     if not token:
         token = None
-    version = version or _package_version()
     if reads_need_token and token is None:
         raise ValueError("reads_need_token needs a token (set status.token_file)")
 

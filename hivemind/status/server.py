@@ -1,7 +1,8 @@
 """Serve the status app with waitress in a thread of the daemon.
 
-waitress runs its accept loop in one thread and requests in a small pool of its own, so a slow
-client or scrape never blocks task handling. Stopping schedules the close inside the loop thread
+waitress runs its accept loop in one thread and requests in a pool of its own (one thread: the
+answers are small and come from memory; waitress reads and writes the sockets in the loop, so a
+slow client holds no request thread), so a slow client or scrape never blocks task handling. Stopping schedules the close inside the loop thread
 (waitress' socket map is not thread-safe), then joins it.
 """
 
@@ -28,7 +29,7 @@ def reads_need_token(host: str) -> bool:
 
 class StatusServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *,
-                 logger: logging.Logger, threads: int = 2) -> None:
+                 logger: logging.Logger, threads: int = 1) -> None:
         self._app = app
         self._host = host
         self._requested_port = port
@@ -50,6 +51,9 @@ class StatusServer:
             # Requests are tiny; keep a slow or hostile client from holding buffers.
             max_request_body_size=64 * 1024, max_request_header_size=16 * 1024,
             channel_timeout=30,
+            # Every request, response and the stop below wake the loop through waitress' trigger;
+            # its timeout only paces the idle-connection sweep, so a long one saves idle wakeups.
+            asyncore_loop_timeout=5,
         )
         self._thread = threading.Thread(target=self._server.run, name="status-http", daemon=True)
         self._thread.start()
