@@ -8,5 +8,4 @@ ps: with ps; [
   pyyaml
   falcon
   waitress
-  prometheus-client
 ]

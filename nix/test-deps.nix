@@ -9,4 +9,5 @@ ps: with ps; [
   types-pyyaml
   types-psutil
   matplotlib
+  prometheus-client
 ]

@@ -29,7 +29,9 @@ def reads_need_token(host: str) -> bool:
 
 class StatusServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *,
-                 logger: logging.Logger, threads: int = 1) -> None:
+                 logger: logging.Logger, threads: int = 2) -> None:
+        # Two request threads: one slow view (a task list while the state lock is busy) must
+        # not hold up /healthz (tests/test_status_api.py::test_slow_view_does_not_block_health).
         self._app = app
         self._host = host
         self._requested_port = port
