@@ -24,7 +24,7 @@ python3Packages.buildPythonApplication {
   dependencies = import ./python-deps.nix python3Packages;
 
   # nixpkgs moves these independently of PyPI; the code needs only their stable APIs.
-  pythonRelaxDeps = [ "grpcio" "protobuf" "podman" ];
+  pythonRelaxDeps = [ "grpcio" "protobuf" ];
 
   # The Go metrics library and the sandbox init sit where hivemind looks for installed copies
   # (hivemind.metrics.native, hivemind.executors.namespaces).

@@ -2,7 +2,6 @@
 ps: with ps; [
   grpcio
   protobuf
-  podman
   psutil
   systemd-python
   pyyaml

@@ -10,4 +10,5 @@ ps: with ps; [
   types-psutil
   matplotlib
   prometheus-client
+  podman
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from hivemind.executors.base import Entry, Limits, TaskSpec
 from hivemind.executors.container_spec import (
     PYCACHE_MOUNT,
     ROOTFUL_USERNS,
+    ContainerSpec,
     build_container_spec,
     build_prepare_spec,
     container_name,
@@ -148,3 +151,47 @@ def test_rootful_map_comes_from_the_containers_range(tmp_path: Path) -> None:
     assert rootful_userns(str(sub), str(sub)) == "map:165536:165536:65536"
     sub.write_text("hivemind:100000:65536\n")          # no range: Podman's auto, and the probe says why
     assert rootful_userns(str(sub), str(sub)) == "auto"
+
+
+def _podman_py_body(cs: ContainerSpec) -> dict[str, object]:
+    """What podman-py (the reference client) would POST for the same container."""
+    from podman import PodmanClient
+    from podman.api import prepare_body
+
+    kw = cs.create_kwargs()
+    render = PodmanClient(base_url="unix:///nonexistent.sock").containers._render_payload
+    payload = render({"image": kw.pop("image"), "command": kw.pop("command"), **kw})
+    return json.loads(prepare_body(payload))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("rootless", [False, True])
+@pytest.mark.parametrize("variant", ["plain", "pydeps", "network", "gpu", "no-limits", "auto-userns"])
+def test_libpod_body_is_what_podman_py_renders(tmp_path: Path, rootless: bool, variant: str) -> None:
+    """The worker renders libpod's create body itself (podman-py cost the daemon ~10 MiB); it
+    must send exactly what podman-py sends for the same keywords, limits and isolation included."""
+    limits = {"gpu": {"gpu_devices": ("nvidia.com/gpu=0",)}, "network": {"network": True}}.get(variant, {})
+    spec = _spec(tmp_path, **limits)
+    cfg = PodmanConfig(network="outbound") if variant == "network" else PodmanConfig()
+    cs = build_container_spec(spec, cfg, "node-a", rootless=rootless,
+                              pydeps_dir="/state/pc/abc" if variant == "pydeps" else None)
+    if variant == "no-limits":
+        cs = dataclasses.replace(cs, pids_limit=None, memory_bytes=None, memswap_bytes=None,
+                                 cpu_quota_us=None, cpu_period_us=None)
+    if variant == "auto-userns":
+        cs = dataclasses.replace(cs, userns_mode="auto")
+    assert cs.libpod_body() == _podman_py_body(cs)
+
+
+def test_prepare_body_is_what_podman_py_renders(tmp_path: Path) -> None:
+    for rootless in (False, True):
+        cs = build_prepare_spec(_spec(tmp_path), PodmanConfig(), "n", rootless=rootless,
+                                build_dir="/b", wheels_dir="/w")
+        assert cs.libpod_body() == _podman_py_body(cs)
+
+
+def test_libpod_body_keeps_the_isolation(tmp_path: Path) -> None:
+    body = build_container_spec(_spec(tmp_path), PodmanConfig(), "node-a", rootless=False).libpod_body()
+    assert body["netns"] == {"nsmode": "none"} and body["read_only_filesystem"] is True
+    assert body["cap_drop"] == ["ALL"] and body["no_new_privileges"] is True
+    assert body["userns"] == {"nsmode": "private"} and body["idmappings"]["UIDMap"][0]["host_id"] > 0
+    assert body["user"] != "0:0" and body["init"] is True

@@ -39,6 +39,7 @@ NEVER_ON_THIS_PATH = (
     "hivemind._proto.v2025_10", "hivemind.pool.v2025_10", "hivemind.server.v2025_10",  # other generation
     "hivemind.executors.venv",     # the other executor
     "prometheus_client",           # metrics are rendered by hivemind.status.exposition
+    "podman", "requests", "urllib3",   # the Podman API over http.client (podman_http.py)
     "hivemind.devpool",
 )
 STATUS_ONLY = ("falcon", "waitress", "hivemind.status.app", "hivemind.status.server")

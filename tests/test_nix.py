@@ -535,7 +535,7 @@ def test_declared_dependencies_are_imported(package: dict[str, Any]) -> None:
 
     declared = [re.split(r"[<>=!~ ]", d, maxsplit=1)[0].lower()
                 for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
-    modules = {"grpcio": "grpc", "protobuf": "google.protobuf", "podman": "podman", "psutil": "psutil",
+    modules = {"grpcio": "grpc", "protobuf": "google.protobuf", "psutil": "psutil",
                "systemd-python": "systemd", "pyyaml": "yaml", "falcon": "falcon", "waitress": "waitress"}
     assert sorted(declared) == sorted(modules) == sorted(package["dependencies"])
     # The generated bindings (hivemind/_proto, made by the build) are what import protobuf.

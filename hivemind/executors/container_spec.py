@@ -1,14 +1,15 @@
 """Pure translation of a task (TaskSpec + PodmanConfig) into the container it runs in.
 
-No Podman here: `build_container_spec` returns a typed `ContainerSpec`, and `create_kwargs` turns
-it into the keyword arguments podman-py's `containers.create` understands, avoiding the kwargs it
-silently drops (`nano_cpus`, `security_opt=["no-new-privileges"]`, `tmpfs`).
+No Podman here: `build_container_spec` returns a typed `ContainerSpec`; `libpod_body` renders it
+as libpod's create body, which the adapter sends. `create_kwargs` is the same container as
+podman-py keywords (avoiding the ones podman-py silently drops: `nano_cpus`,
+`security_opt=["no-new-privileges"]`, `tmpfs`): the reference the tests check the body against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hivemind.config import PodmanConfig
@@ -115,13 +116,66 @@ class ContainerSpec:
     # map:UID:GID:SIZE, a slice of the `containers` subordinate range (see ROOTFUL_USERNS), so
     # the task's uid is no host account's (uid 1000 is a person on most machines).
     userns_mode: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
     # conmon truncates its k8s-file log when it reaches this, so the log takes at most this much
     # disk (the worker keeps its own capped copy, output.log, from attach).
     log_size_bytes: int = DEFAULT_LOG_BYTES
 
+    def libpod_body(self) -> dict[str, Any]:
+        """The body of libpod's POST /containers/create (a SpecGenerator) for this container.
+
+        Rendered here rather than by podman-py: importing podman-py (with requests and urllib3)
+        costs the daemon ~10 MiB of resident memory for the one call it would serve.
+        tests/test_container_spec.py checks that this is exactly what podman-py renders from
+        `create_kwargs()` (with empty and None values dropped, as podman-py sends it)."""
+        mounts: list[dict[str, Any]] = []
+        for m in self.mounts:
+            if m.type == "tmpfs":
+                opts = [*([f"size={m.size_bytes}"] if m.size_bytes is not None else []),
+                        *([f"mode={m.mode}"] if m.mode is not None else [])]
+                mounts.append({"destination": m.target, "options": opts, "source": "tmpfs",
+                               "type": "tmpfs"})
+            else:
+                opts = [*(["ro"] if m.read_only else []), *(["U"] if m.chown else [])]
+                mounts.append({"destination": m.target, "options": opts, "source": m.source,
+                               "type": "bind"})
+        limits: dict[str, Any] = {}
+        if self.pids_limit is not None:
+            limits["pids"] = {"limit": self.pids_limit}
+        if self.cpu_quota_us is not None and self.cpu_period_us is not None:
+            limits["cpu"] = {"period": self.cpu_period_us, "quota": self.cpu_quota_us}
+        memory = {k: v for k, v in (("limit", self.memory_bytes), ("swap", self.memswap_bytes))
+                  if v is not None}
+        if memory:
+            limits["memory"] = memory
+        body: dict[str, Any] = {
+            "name": self.name, "image": self.image, "command": list(self.command),
+            "user": self.user, "work_dir": self.workdir, "env": dict(self.env),
+            "labels": dict(self.labels), "mounts": mounts, "netns": {"nsmode": self.network_mode},
+            "read_only_filesystem": self.read_only, "cap_drop": list(self.cap_drop),
+            "no_new_privileges": self.no_new_privileges,
+            "r_limits": [{"type": "nofile", "hard": self.nofile, "soft": self.nofile},
+                         {"type": "nproc", "hard": self.nproc, "soft": self.nproc}],
+            "log_configuration": {"driver": "k8s-file", "size": self.log_size_bytes},
+            "init": True,
+            "resource_limits": limits,
+            "devices": [{"path": d} for d in self.devices],
+        }
+        if self.userns_mode:
+            mode, _, value = self.userns_mode.partition(":")
+            if mode == "map":
+                uid, gid, size = (int(v) for v in value.split(":"))
+                body["userns"] = {"nsmode": "private"}
+                body["idmappings"] = {"UIDMap": [{"container_id": 0, "host_id": uid, "size": size}],
+                                      "GIDMap": [{"container_id": 0, "host_id": gid, "size": size}]}
+            else:
+                body["userns"] = {"nsmode": mode, "value": value} if value else {"nsmode": mode}
+                if mode == "auto":
+                    body["idmappings"] = {"AutoUserNs": True}
+        return _drop_empty(body)
+
     def create_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for podman-py `containers.create` (5.x)."""
+        """The same container as keyword arguments of podman-py's `containers.create` (5.x):
+        the reference `libpod_body()` is checked against."""
         mounts: list[dict[str, Any]] = []
         for m in self.mounts:
             if m.type == "tmpfs":
@@ -183,8 +237,23 @@ class ContainerSpec:
                 # The service does not derive the mapping from the mode (the CLI does): without
                 # AutoUserNs the container silently keeps the host's uids.
                 kw["idmappings"] = {"AutoUserNs": True}
-        kw.update(self.extra)
         return kw
+
+
+def _drop_empty(mapping: Mapping[str, Any], nested: bool = False) -> dict[str, Any]:
+    """None and empty values left out, as podman-py's prepare_body does: in mappings at every
+    depth (the service then applies its defaults instead of a zero value), not inside lists
+    (a mount keeps its empty `options`)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            value = _drop_empty(value, nested=True)
+        elif isinstance(value, list):
+            value = [v for v in value if v is not None]
+        if value is None or value == [] or value == {} or (value == "" and not nested):
+            continue
+        out[key] = value
+    return out
 
 
 def _common_env(spec_env: Mapping[str, str]) -> dict[str, str]:
