@@ -84,6 +84,20 @@ def _epoch(value: Any) -> float | None:
         return None
 
 
+@contextlib.contextmanager
+def _api_errors(what: str, ref: str) -> Iterator[None]:
+    """The service's answers as this module's errors: 404 is TaskNotFound, the rest PodmanError
+    with Podman's own message."""
+    try:
+        yield
+    except HttpError as exc:
+        if exc.status == 404:
+            raise TaskNotFound(f"container {ref} not found") from None
+        raise PodmanError(f"{what} {ref}: {exc.message}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise PodmanError(f"{what} {ref}: {type(exc).__name__}: {exc}") from None
+
+
 class PodmanAdapter:
     def __init__(self, uri: str, timeout: float | None = None) -> None:
         self.uri = uri
@@ -117,14 +131,8 @@ class PodmanAdapter:
 
     def _call(self, what: str, ref: str, method: str, path: str,
               params: Mapping[str, Any] | None = None, body: bytes | None = None) -> Response:
-        try:
+        with _api_errors(what, ref):
             return self._http.request(method, path, params, body)
-        except HttpError as exc:
-            if exc.status == 404:
-                raise TaskNotFound(f"container {ref} not found") from None
-            raise PodmanError(f"{what} {ref}: {exc.message}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise PodmanError(f"{what} {ref}: {type(exc).__name__}: {exc}") from None
 
     def start(self, ref: str) -> None:
         self._call("start", ref, "POST", f"/containers/{ref}/start")
@@ -202,14 +210,8 @@ class PodmanAdapter:
         params: dict[str, Any] = {"follow": follow, "stdout": True, "stderr": True}
         if since is not None:
             params["since"] = str(int(since))
-        try:
+        with _api_errors("logs", ref):
             resp, conn = self._http.stream("GET", f"/containers/{ref}/logs", params)
-        except HttpError as exc:
-            if exc.status == 404:
-                raise TaskNotFound(f"container {ref} not found") from None
-            raise PodmanError(f"logs {ref}: {exc.message}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise PodmanError(f"logs {ref}: {type(exc).__name__}: {exc}") from None
         return _closing_frames(conn, resp)
 
     def attach(self, ref: str, timeout: float = 10.0) -> Iterator[LogFrame]:
