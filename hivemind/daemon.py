@@ -187,10 +187,7 @@ class Daemon:
                 self.session.poke()  # Idle/Busy may have changed: tell the pool now
 
     def _count_states(self) -> None:
-        counts: dict[str, int] = {}
-        for rec in self.lifecycle.tasks():
-            counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
-        self.prom.task_state(counts)
+        self.prom.task_state(self.lifecycle.counts())
 
     # -- node facts for the pool ----------------------------------------------------------------
     def node_info(self) -> NodeInfo:

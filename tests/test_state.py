@@ -420,3 +420,31 @@ class LifecycleMachine(RuleBasedStateMachine):
 TestLifecycleMachine = LifecycleMachine.TestCase
 TestLifecycleMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_long_history_keeps_the_latest_records_and_every_id() -> None:
+    """A worker that ran many tasks keeps only the latest ended records (its calls cost what the
+    running tasks cost, not its history), never forgets an id, and counts every task."""
+    lc = Lifecycle(CAP, max_terminal=5)
+    for i in range(12):
+        assert lc.admit(f"t{i}", req()).ok
+        run_to_done(lc, f"t{i}")
+    assert lc.admit("live", req(cpus=2.0)).ok
+    assert [r.task_id for r in lc.tasks()] == ["t7", "t8", "t9", "t10", "t11", "live"]
+    assert lc.admit("t0", req()).duplicate, "an id whose record was dropped is still known"
+    assert lc.counts() == {"done": 12, "accepted": 1}
+    assert lc.reserved().cpus == 2.0 and lc.free().slots == CAP.slots - 1
+    lc.advance("live", S.FAILED)
+    assert lc.reserved() == Resources() and lc.counts() == {"done": 12, "failed": 1}
+    assert lc.get("t6") is None and lc.get("live") is not None
+
+
+def test_restore_rebuilds_the_reservations_and_counts() -> None:
+    a = Lifecycle(CAP)
+    assert a.admit("run", req(cpus=1.5)).ok
+    a.advance("run", S.PREPARING)
+    assert a.admit("done", req()).ok
+    run_to_done(a, "done")
+    b = Lifecycle(CAP)
+    b.restore(a.tasks())
+    assert b.reserved().cpus == 1.5 and b.counts() == {"preparing": 1, "done": 1}

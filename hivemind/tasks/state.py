@@ -168,15 +168,28 @@ class _Events:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
-class Lifecycle:
-    """Every task this worker knows, its state, and what it holds of `capacity`."""
+MAX_TERMINAL_RECORDS = 1000
 
-    def __init__(self, capacity: Resources, clock: Callable[[], float] = time.time) -> None:
+
+class Lifecycle:
+    """Every task this worker knows, its state, and what it holds of `capacity`.
+
+    Each call costs what the running tasks cost, not the worker's history: reservations are
+    summed over the holding tasks only, state counts are kept as they change, and only the
+    latest `max_terminal` ended records are kept (their ids stay known). Before, a worker that
+    had run a few hundred tasks spent visibly more CPU on every ExecuteTask and transition."""
+
+    def __init__(self, capacity: Resources, clock: Callable[[], float] = time.time,
+                 max_terminal: int = MAX_TERMINAL_RECORDS) -> None:
         self._capacity = capacity
         self._clock = clock
         self._lock = threading.Lock()
         self._tasks: dict[str, TaskRecord] = {}
         self._seen: set[str] = set()
+        self._holding: set[str] = set()
+        self._counts: dict[TaskState, int] = {}
+        self._ended: deque[str] = deque()        # terminal ids, oldest first
+        self._max_terminal = max_terminal
         self._listeners: list[Listener] = []
         self._events = _Events()
 
@@ -202,6 +215,11 @@ class Lifecycle:
         with self._lock:
             return self._free_locked()
 
+    def counts(self) -> dict[str, int]:
+        """How many tasks (since start, restored ones included) are in each state now."""
+        with self._lock:
+            return {state.value: n for state, n in self._counts.items() if n}
+
     def known(self, task_id: str) -> bool:
         with self._lock:
             return task_id in self._seen
@@ -214,7 +232,7 @@ class Lifecycle:
 
     def _reserved_locked(self) -> Resources:
         # Derived from the holding tasks, never kept as a running total, so it cannot drift.
-        return _sum(r.granted for r in self._tasks.values() if r.holding)
+        return _sum(self._tasks[t].granted for t in self._holding)
 
     def _free_locked(self) -> Resources:
         used = self._reserved_locked()
@@ -250,6 +268,7 @@ class Lifecycle:
                                               request=request, granted=granted,
                                               accepted_at=now, updated_at=now)
             self._seen.add(task_id)
+            self._track_locked(None, self._tasks[task_id])
             self._events.queue.append((task_id, None, TaskState.ACCEPTED))
         self._deliver()
         return Admission(True, granted=granted)
@@ -272,9 +291,27 @@ class Lifecycle:
                 raise IllegalTransition(f"task {task_id}: {old} -> {to_state} is not allowed")
             new = self._apply(rec, to_state, info)
             self._tasks[task_id] = new
+            self._track_locked(rec, new)
             self._events.queue.append((task_id, old, to_state))
         self._deliver()
         return new
+
+    def _track_locked(self, old: TaskRecord | None, new: TaskRecord) -> None:
+        """Holding set, state counts and the kept ended records follow one record's change."""
+        if old is not None:
+            self._counts[old.state] -= 1
+        self._counts[new.state] = self._counts.get(new.state, 0) + 1
+        if new.holding:
+            self._holding.add(new.task_id)
+        else:
+            self._holding.discard(new.task_id)
+        if new.terminal and (old is None or not old.terminal):
+            self._ended.append(new.task_id)
+            while len(self._ended) > self._max_terminal:
+                gone = self._ended.popleft()
+                rec = self._tasks.get(gone)
+                if rec is not None and rec.terminal:
+                    del self._tasks[gone]       # the count stays: it counts tasks, not records
 
     def _apply(self, rec: TaskRecord, to: TaskState, info: dict[str, Any]) -> TaskRecord:
         now = self._clock()
@@ -316,11 +353,12 @@ class Lifecycle:
         Holding records keep their reservations, even past capacity: those tasks may still run
         and will be reattached or failed by the caller. Fires no listeners."""
         with self._lock:
-            for rec in records:
+            for rec in sorted(records, key=lambda r: (r.accepted_at, r.task_id)):
                 if rec.task_id in self._seen:
                     raise ValueError(f"task {rec.task_id} restored twice")
                 self._tasks[rec.task_id] = rec
                 self._seen.add(rec.task_id)
+                self._track_locked(None, rec)
             self._seen.update(known_ids)
 
     # -- listeners -------------------------------------------------------------------------
