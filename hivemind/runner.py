@@ -208,7 +208,6 @@ class TaskRunner:
             # it reports it lost rather than starting it a second time.
             self._paths.starting.touch()
         handle = self._executor.start(spec, self.output)
-        self.timing.merge(handle.state.get("timing") or {})
         self.timing.mark("started")
         handle = dataclasses.replace(handle, state={**handle.state, "archive_sha256": self.archive_sha256})
         self._handle = handle

@@ -542,7 +542,6 @@ class PodmanExecutor:
             "container_id": run.container_id, "started_at": run.started_at,
             "timeout_s": run.timeout_s, "rootless": self.rootless,
             "limits": {"memory_bytes": mem, "cpus": cpus, "pids": pids},
-            "timing": dict(run.marks),
             # For the task record: whose host uid the task's uid is.
             "isolation": {"user_namespace": "keep-id (the service user)" if self.rootless
                           else "auto (a uid no account has)"}})

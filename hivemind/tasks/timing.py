@@ -1,7 +1,8 @@
 """Where one task's time went: named phase marks, in the order they happened.
 
 The runner marks its own steps (workspace ready, prepared, started, exited, packed, removed);
-executors add theirs through the handle (`state["timing"]`: created, started). The record
+executors add theirs through `TaskFacts.timing` (Podman: created, container_started,
+output_closed, exit_seen), read when the task ends. The record
 carries the marks up to packing; the `task.timing` log event carries all of them, removal
 included, so a slow machine can be read phase by phase (bench/run sums them per batch).
 """
