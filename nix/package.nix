@@ -26,14 +26,16 @@ python3Packages.buildPythonApplication {
   # nixpkgs moves these independently of PyPI; the code needs only their stable APIs.
   pythonRelaxDeps = [ "grpcio" "protobuf" ];
 
-  # The Go metrics library and the sandbox init sit where hivemind looks for installed copies
-  # (hivemind.metrics.native, hivemind.executors.namespaces).
+  # The Go metrics library, the sandbox init and the mount helper sit where hivemind looks for installed copies
+  # (hivemind.metrics.native, hivemind.executors.namespaces, hivemind.executors.ns_mount).
   postInstall = lib.optionalString (native != null) ''
     mkdir -p $out/${python3Packages.python.sitePackages}/hivemind/_native
     ln -s ${native}/lib/libhivemindmetrics.so \
       $out/${python3Packages.python.sitePackages}/hivemind/_native/libhivemindmetrics.so
     ln -s ${native}/bin/hm-sandbox-init \
       $out/${python3Packages.python.sitePackages}/hivemind/_native/hm-sandbox-init
+    ln -s ${native}/bin/hm-ns-mount \
+      $out/${python3Packages.python.sitePackages}/hivemind/_native/hm-ns-mount
   '';
 
   # util-linux: the venv executor's tests run tasks through prlimit and setpriv.

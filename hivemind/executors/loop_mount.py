@@ -45,7 +45,7 @@ def _c() -> ctypes.CDLL:
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)
         lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                              ctypes.c_void_p]
+                              ctypes.c_char_p]
         lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         _libc = lib
     return _libc
@@ -76,12 +76,13 @@ def _attach(image: Path) -> tuple[int, str]:
         os.close(ctl)
 
 
-def loop_mount(image: Path, target: Path, fstype: str = "ext4") -> str:
-    """Mount `image` on `target` (nosuid, nodev) through a new loop device; the device path."""
+def loop_mount(image: Path, target: Path, fstype: str = "ext4", data: str | None = None) -> str:
+    """Mount `image` on `target` (nosuid, nodev, the filesystem's options `data`) through a new
+    loop device; the device path."""
     fd, dev = _attach(image)
     try:
         if _c().mount(dev.encode(), str(target).encode(), fstype.encode(),
-                      MS_NOSUID | MS_NODEV, None) != 0:
+                      MS_NOSUID | MS_NODEV, data.encode() if data else None) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"mount {dev} on {target}: {os.strerror(err)}")
     finally:
