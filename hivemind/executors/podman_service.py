@@ -36,7 +36,7 @@ from typing import IO
 
 from hivemind.config import PodmanConfig
 from hivemind.errors import ExecutorUnavailable
-from hivemind.executors.proc import same_process
+from hivemind.executors.proc import process_start_time, same_process
 
 ROOTFUL_SOCKET = "/run/podman/podman.sock"
 
@@ -151,13 +151,10 @@ class PodmanService:
             return None
 
     def _write_record(self, pid: int, path: str) -> None:
-        import psutil
-
         if self._record is None:
             return
-        try:
-            start = psutil.Process(pid).create_time()
-        except psutil.Error:
+        start = process_start_time(pid)
+        if start is None:
             return
         tmp = self._record.with_name(self._record.name + ".tmp")
         self._record.parent.mkdir(parents=True, exist_ok=True)

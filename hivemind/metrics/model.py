@@ -7,6 +7,8 @@ from typing import Protocol
 
 from hivemind.errors import HivemindError
 
+DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
+
 
 @dataclass(frozen=True)
 class CgroupStats:

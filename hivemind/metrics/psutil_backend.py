@@ -11,9 +11,8 @@ import threading
 
 import psutil
 
-from hivemind.metrics.model import CgroupStats, MetricsError, Snapshot, TreeUsage
+from hivemind.metrics.model import DEFAULT_CGROUP_ROOT, CgroupStats, MetricsError, Snapshot, TreeUsage
 
-DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
 # cgroup v1 writes "no limit" as a huge page-aligned number.
 _UNLIMITED = 1 << 62
 
