@@ -41,6 +41,7 @@ NEVER_ON_THIS_PATH = (
     "prometheus_client",           # metrics are rendered by hivemind.status.exposition
     "podman", "requests", "urllib3",   # the Podman API over http.client (podman_http.py)
     "hivemind.devpool",
+    "psutil",                      # only the fallback metrics backend and a guessed advertise_host
 )
 STATUS_ONLY = ("falcon", "waitress", "hivemind.status.app", "hivemind.status.server")
 
