@@ -18,7 +18,6 @@ import time
 from types import FrameType
 from typing import Any
 
-
 from hivemind import __version__
 from hivemind.config import Config, load_config
 from hivemind.errors import ConfigError, ExecutorUnavailable, HivemindError, StartupError
@@ -75,7 +74,7 @@ def advertised_host(cfg: Config) -> str:
         return cfg.server.advertise_host
     if cfg.server.listen_host not in ("0.0.0.0", "::", "", "127.0.0.1"):
         return cfg.server.listen_host
-    import psutil    # only here, and only without server.advertise_host: ~1 MiB idle otherwise
+    import psutil  # only here, and only without server.advertise_host: ~1 MiB idle otherwise
 
     stats = psutil.net_if_stats()
     for name, addrs in sorted(psutil.net_if_addrs().items()):

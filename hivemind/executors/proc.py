@@ -11,8 +11,8 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
-import logging
 import functools
+import logging
 import os
 import pwd
 import resource

@@ -11,7 +11,13 @@ import threading
 
 import psutil
 
-from hivemind.metrics.model import DEFAULT_CGROUP_ROOT, CgroupStats, MetricsError, Snapshot, TreeUsage
+from hivemind.metrics.model import (
+    DEFAULT_CGROUP_ROOT,
+    CgroupStats,
+    MetricsError,
+    Snapshot,
+    TreeUsage,
+)
 
 # cgroup v1 writes "no limit" as a huge page-aligned number.
 _UNLIMITED = 1 << 62
