@@ -23,6 +23,7 @@ from hivemind.config import Config, load_config
 from hivemind.errors import ConfigError, ExecutorUnavailable, HivemindError, StartupError
 from hivemind.executors.base import Executor, ExecutorStatus, OutputLine
 from hivemind.executors.select import select_executor
+from hivemind.heap import release_free_heap
 from hivemind.logging_setup import log_task_output, register_secret, setup_logging
 from hivemind.notify import Heartbeat, Notifier, Watchdog
 from hivemind.pool.client import NodeInfo, NodeStatus
@@ -319,6 +320,8 @@ class Daemon:
 
     def loop(self) -> None:
         last_status = ""
+        quiet_since: float | None = time.monotonic()    # since when no task runs
+        trimmed = False
         while not self.signals.stop.is_set():
             self.loop_heartbeat.beat()
             if self.signals.hang.is_set():
@@ -334,8 +337,18 @@ class Daemon:
             if line != last_status:
                 self.notifier.status(line)
                 last_status = line
+            # Once nothing has run for a whole idle tick (after start-up, after the last task),
+            # the heap's holes go back to the kernel: once per quiet spell, not between tasks.
+            if self.worker.running_count():
+                quiet_since, trimmed = None, False
+            else:
+                quiet_since = quiet_since or time.monotonic()
+                if not trimmed and time.monotonic() - quiet_since >= IDLE_TICK_S:
+                    release_free_heap()
+                    trimmed = True
+            idle = self.worker.is_idle()
             # Cleared before the flags are read again at the top: a signal in between is seen.
-            self.signals.wake.wait(IDLE_TICK_S if self.worker.is_idle() else LOOP_TICK_S)
+            self.signals.wake.wait(IDLE_TICK_S if idle else LOOP_TICK_S)
             self.signals.wake.clear()
 
     def _refresh_metrics(self) -> None:
