@@ -28,11 +28,12 @@ executor reports what it could not apply.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from hivemind.native_binary import native_binary
 
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")   # noqa: S108 - the dirs made private
 # Mounts a task has no business with, which its namespace would otherwise keep alive: Podman's
@@ -76,14 +77,9 @@ SANDBOX_INIT = "hm-sandbox-init"
 
 
 def sandbox_init_binary() -> Path | None:
-    """The compiled init (native/sandbox-init): an installed `hivemind/_native/` copy, then a
-    checkout's `native/build/`; None where neither was built (the shell init is used)."""
-    package = Path(__file__).resolve().parent.parent        # hivemind/
-    for candidate in (package / "_native" / SANDBOX_INIT,
-                      package.parent / "native" / "build" / SANDBOX_INIT):
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """The compiled init (native/sandbox-init); None where it wasn't built (the shell init is
+    used)."""
+    return native_binary(SANDBOX_INIT)
 
 
 def sandbox_init_argv(keep: list[str], tmpfs_bytes: int, writable: str | None = None,

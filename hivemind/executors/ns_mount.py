@@ -21,6 +21,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from hivemind.native_binary import native_binary
+
 NS_MOUNT = "hm-ns-mount"
 REPLY_TIMEOUT_S = 10.0
 
@@ -30,14 +32,8 @@ class NsMountError(OSError):
 
 
 def ns_mount_binary() -> Path | None:
-    """The compiled helper: an installed `hivemind/_native/` copy, then a checkout's
-    `native/build/`; None where neither was built."""
-    package = Path(__file__).resolve().parent.parent        # hivemind/
-    for candidate in (package / "_native" / NS_MOUNT,
-                      package.parent / "native" / "build" / NS_MOUNT):
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """The compiled helper; None where it wasn't built (nsenter does it then)."""
+    return native_binary(NS_MOUNT)
 
 
 def namespace_of(pid: int | str) -> str:
