@@ -346,9 +346,8 @@ class Daemon:
                 if not trimmed and time.monotonic() - quiet_since >= IDLE_TICK_S:
                     release_free_heap()
                     trimmed = True
-            idle = self.worker.is_idle()
             # Cleared before the flags are read again at the top: a signal in between is seen.
-            self.signals.wake.wait(IDLE_TICK_S if idle else LOOP_TICK_S)
+            self.signals.wake.wait(IDLE_TICK_S if self.worker.is_idle() else LOOP_TICK_S)
             self.signals.wake.clear()
 
     def _refresh_metrics(self) -> None:

@@ -29,7 +29,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,6 @@ _OVERHEAD_RATIO = 0.03
 FULL_BELOW_BYTES = 1 * MiB            # a task writing 1 MiB blocks is refused with up to this left
 _SPARE = "_spare"                      # a formatted image waiting for the next task
 MIN_QUOTA_BYTES = 16 * MiB
-
 
 _MOUNT_DATA = "noinit_itable"
 
@@ -316,23 +315,24 @@ class DiskQuota:
         return done
 
     def _ns_mount(self, pid: int, source: str, workspace: Path) -> None:
-        try:
-            self._ns.mount(pid, source, workspace)
-            return
-        except OSError as exc:        # no helper built, or it failed: the two processes do it
-            if self._ns.available:
-                self._log.debug("mount helper: %s; using nsenter", exc)
-        _run(["nsenter", f"--target={pid}", "--mount", "--", "mount", "-o", "nosuid,nodev",
-              source, str(workspace)])
+        self._in_namespace(lambda: self._ns.mount(pid, source, workspace),
+                           ["nsenter", f"--target={pid}", "--mount", "--", "mount", "-o",
+                            "nosuid,nodev", source, str(workspace)])
 
     def _ns_umount(self, pid: int, workspace: Path) -> None:
+        self._in_namespace(lambda: self._ns.umount(pid, workspace),
+                           ["nsenter", f"--target={pid}", "--mount", "--", "umount", "-l",
+                            str(workspace)])
+
+    def _in_namespace(self, by_helper: Callable[[], None], fallback: list[str]) -> None:
+        """The mount helper does it; where it isn't built or failed, nsenter and mount(8) do."""
         try:
-            self._ns.umount(pid, workspace)
+            by_helper()
             return
         except OSError as exc:
             if self._ns.available:
                 self._log.debug("mount helper: %s; using nsenter", exc)
-        _run(["nsenter", f"--target={pid}", "--mount", "--", "umount", "-l", str(workspace)])
+        _run(fallback)
 
     def release(self, task_id: str, workspace: Path, namespaces: Sequence[int] = ()) -> None:
         """Unmount and delete the task's filesystem (its files go with it), here and in the
