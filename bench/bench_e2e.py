@@ -8,6 +8,7 @@ turns a list of them into the table, JSON and plot. Times are monotonic seconds.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import statistics
@@ -293,8 +294,9 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
     from hivemind.devpool.testing import free_port
 
     bare = subprocess.Popen([sys.executable, "-c", "import grpc, time; time.sleep(100000)"])
+    status_port = free_port()
     try:
-        with Setup(PODMAN if podman else VENV, extra={"status": {"enabled": True, "port": free_port()}}) as setup:
+        with Setup(PODMAN if podman else VENV, extra={"status": {"enabled": True, "port": status_port}}) as setup:
             proc = psutil.Process(setup.worker.pid)
             bproc = psutil.Process(bare.pid)
             time.sleep(min(5.0, seconds / 4))  # past registration and the first heartbeats
@@ -312,6 +314,13 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
             full = proc.memory_full_info()
             threads = proc.num_threads()
             kinds = _thread_kinds(proc.pid)
+            # The status API loads Falcon and its app on its first connection: what that costs.
+            conn = http.client.HTTPConnection("127.0.0.1", status_port, timeout=30)
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            conn.close()
+            time.sleep(2.0)
+            after_request = proc.memory_info().rss / MIB
     finally:
         bare.kill()
         bare.wait()
@@ -320,7 +329,8 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
     log(f"idle: rss {statistics.median(rss):.1f} MiB, cpu {cpu:.3f} % over {wall:.0f} s")
     note = (f"{'podman' if podman else 'venv'} executor, window {wall:.0f} s, heartbeat 5 s, status API on, "
             f"{threads} threads ({kinds}); PSS {full.pss / MIB:.1f} MiB, USS {full.uss / MIB:.1f} MiB at the end "
-            f"(RSS counts the shared libraries whole); children (podman service) RSS {children:.1f} MiB, not counted")
+            f"(RSS counts the shared libraries whole); children (podman service) RSS {children:.1f} MiB, not counted; "
+            f"after the status API's first request (Falcon and the app load then) RSS {after_request:.1f} MiB")
     return [Measurement("idle RSS", "MiB", rss, brss, "python -c 'import grpc; sleep'", "<= 45 MiB", "abs", 45.0,
                         [note]),
             Measurement("idle CPU", "% of a core", [cpu], [bcpu], "python -c 'import grpc; sleep'", "<= 0.3 %",

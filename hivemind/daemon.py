@@ -268,7 +268,6 @@ class Daemon:
                       self.executor.name if self.executor else "-", extra={"event": "worker.ready"})
 
     def _start_status(self) -> None:
-        from hivemind.status.app import create_app
         from hivemind.status.server import StatusServer, reads_need_token
 
         if self.cfg.status.token_file:
@@ -281,9 +280,15 @@ class Daemon:
                           "take the token in %s (mode 0600)", path, extra={"event": "status.token_generated"})
         register_secret(token)
         host = self.cfg.status.listen_host
-        app = create_app(self.view, metrics=self.prom, token=token, reads_need_token=reads_need_token(host),
-                         logger=self.log)
-        server = StatusServer(app, host, self.cfg.status.port, logger=self.log)
+        need_token = reads_need_token(host)
+
+        def load_app() -> Any:
+            from hivemind.status.app import create_app
+
+            return create_app(self.view, metrics=self.prom, token=token, reads_need_token=need_token,
+                              logger=self.log)
+
+        server = StatusServer(load_app, host, self.cfg.status.port, logger=self.log)
         try:
             server.start()
         except OSError as exc:

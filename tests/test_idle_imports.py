@@ -26,13 +26,26 @@ WorkerMetrics("0").render()
 print("\\n".join(sorted(sys.modules)))
 """
 
-# status.enabled true adds the app and the server; the OpenAPI document waits for its request.
+# status.enabled true binds the port at start, and loads the app and waitress on the first
+# connection; the OpenAPI document waits for its own request.
 WITH_STATUS = PODMAN_2026_04.replace('WorkerMetrics("0").render()', """
-import logging
-from hivemind.status.app import create_app
+import http.client, logging
 from hivemind.status.server import StatusServer
-create_app(object(), metrics=WorkerMetrics("0"), token=None, reads_need_token=False,
-           logger=logging.getLogger("t"))
+
+def load_app():
+    from hivemind.status.app import create_app
+    return create_app(object(), metrics=WorkerMetrics("0"), token=None, reads_need_token=False,
+                      logger=logging.getLogger("t"))
+
+server = StatusServer(load_app, "127.0.0.1", 0, logger=logging.getLogger("t"))
+server.start()
+print("\\n".join(sorted(sys.modules)))
+print("-- after a request")
+conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+conn.request("GET", "/healthz")
+assert conn.getresponse().status in (200, 503)
+conn.close()
+server.stop()
 """)
 
 NEVER_ON_THIS_PATH = (
@@ -62,10 +75,15 @@ def test_podman_worker_without_status_api_imports_only_its_path() -> None:
     assert _loaded(modules, NEVER_ON_THIS_PATH + STATUS_ONLY) == []
 
 
-def test_status_api_adds_falcon_and_waitress_but_not_the_openapi_document() -> None:
-    modules = _modules(WITH_STATUS)
-    assert "falcon" in modules and "waitress" in modules
-    assert _loaded(modules, NEVER_ON_THIS_PATH + ("hivemind.status.openapi",)) == []
+def test_status_api_loads_falcon_and_waitress_on_its_first_connection() -> None:
+    out = subprocess.run([sys.executable, "-c", WITH_STATUS], capture_output=True, text=True,
+                         timeout=120, check=True, cwd=ROOT).stdout
+    before_text, _, after_text = out.partition("-- after a request")
+    before, after = set(before_text.split()), set(after_text.split())
+    assert "hivemind.status.server" in before   # listening already
+    assert _loaded(before, NEVER_ON_THIS_PATH + STATUS_ONLY[:-1]) == []
+    assert "falcon" in after and "waitress" in after and "hivemind.status.app" in after
+    assert _loaded(after, NEVER_ON_THIS_PATH + ("hivemind.status.openapi",)) == []
 
 
 def test_every_flag_wakes_the_main_loop() -> None:

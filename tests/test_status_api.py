@@ -94,7 +94,7 @@ def start_status_server(view: Any, *, token: str | None = TOKEN, remote: bool = 
     log = logging.getLogger(LOG)
     app = create_app(view, metrics=metrics or WorkerMetrics("0.1.0", "node-a"),
                      token=Secret(token) if token else None, reads_need_token=remote, logger=log)
-    server = StatusServer(app, "127.0.0.1", 0, logger=log)
+    server = StatusServer(lambda: app, "127.0.0.1", 0, logger=log)
     server.start()
     return server
 

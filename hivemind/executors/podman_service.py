@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ from hivemind.errors import ExecutorUnavailable
 from hivemind.executors.proc import process_start_time, same_process
 
 ROOTFUL_SOCKET = "/run/podman/podman.sock"
+# How long a service that answered is taken to still answer without asking again: every API call
+# goes through ensure(), and a ping per call costs a round trip and, on a loaded machine, risks a
+# restart that breaks every call in flight.
+TRUST_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,8 @@ class PodmanService:
     def __init__(self, cfg: PodmanConfig, logger: logging.Logger, *,
                  podman_bin: str = "podman", start_timeout_s: float = 15.0,
                  euid: Callable[[], int] = os.geteuid,
-                 rootful_socket: str = ROOTFUL_SOCKET, state_dir: Path | None = None) -> None:
+                 rootful_socket: str = ROOTFUL_SOCKET, state_dir: Path | None = None,
+                 stop_timeout_s: float = 10.0) -> None:
         self._cfg = cfg
         self._log = logger
         self._bin = podman_bin
@@ -87,6 +93,11 @@ class PodmanService:
         self._record = state_dir / "podman-service.json" if state_dir is not None else None
         self._adopted: tuple[int, float] | None = None   # (pid, start time) of an adopted service
         self._own_path: str | None = None   # the socket of the service this object started/adopted
+        self._stop_timeout = stop_timeout_s
+        # One caller at a time decides whether to start a service: slots call ensure() at once,
+        # and two that both found it silent would each start one, orphaning the first.
+        self._ensure_lock = threading.RLock()   # close() runs inside, from _start()
+        self._trusted_until = 0.0
 
     @property
     def rootless(self) -> bool:
@@ -185,8 +196,7 @@ class PodmanService:
         self._forget_record()
         return False
 
-    @staticmethod
-    def _stop_pid(pid: int, start: float) -> None:
+    def _stop_pid(self, pid: int, start: float) -> None:
         import psutil
 
         with contextlib.suppress(psutil.Error):
@@ -195,16 +205,30 @@ class PodmanService:
                 return
             p.terminate()
             try:
-                p.wait(10)
+                p.wait(self._stop_timeout)
             except psutil.TimeoutExpired:
-                p.kill()
+                _kill_group(pid)
                 p.wait(5)
 
     def ensure(self) -> str:
         """The service URI, starting the service if needed. Raises ExecutorUnavailable."""
+        with self._ensure_lock:
+            uri = self._ensure()
+            self._trusted_until = time.monotonic() + TRUST_S
+            return uri
+
+    def _ensure(self) -> str:
         path = self.socket_path()
-        if self._uri is not None and (ping(path) or self._own_alive(path)):
-            return self._uri
+        if self._uri is not None:
+            own_running = self._proc is not None and self._proc.poll() is None
+            if (own_running or self._proc is None) and time.monotonic() < self._trusted_until:
+                return self._uri
+            if ping(path) or self._own_alive(path):
+                return self._uri
+            state = ("exited" if self._proc is not None and self._proc.poll() is not None
+                     else "stopped answering")
+            self._log.warning("the podman service %s; finding or starting another", state,
+                              extra={"socket": path})
         private = self._private_path()
         if not self._cfg.socket and self._adopted is None and self._proc is None \
                 and self._take_over(private):
@@ -286,6 +310,10 @@ class PodmanService:
 
     def close(self) -> None:
         """Stop the service if this object started it (or adopted it from an earlier worker)."""
+        with self._ensure_lock:
+            self._close()
+
+    def _close(self) -> None:
         proc, self._proc = self._proc, None
         adopted, self._adopted = self._adopted, None
         if proc is not None or adopted is not None:
@@ -296,13 +324,27 @@ class PodmanService:
             self._uri = None
         if proc is None:
             return
+        self._trusted_until = 0.0
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=self._stop_timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                # The whole group, before the leader is reaped (its pid, the group's id, can't be
+                # reused until then): rootless Podman re-execs itself into the user namespace,
+                # and a killed parent would leave that child serving with nobody to stop it.
+                _kill_group(proc.pid)
                 proc.wait()
         self._forget_record()
         self._err.close()
         self._uri = None
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group a service leads (it was started in a session of its own)."""
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+            return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
