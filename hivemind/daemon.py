@@ -294,6 +294,9 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"status.listen_host/port: can't listen on {host}:{self.cfg.status.port}: "
                                f"{exc.strerror or exc}") from None
+        except ImportError as exc:
+            raise StartupError(f"status.enabled: the status API can't be served ({exc}); reinstall the "
+                               "worker's dependencies or set status.enabled: false") from None
         self.status_server = server
 
     def _fatal(self, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -423,3 +424,32 @@ def test_slow_view_does_not_block_health(view: FakeView) -> None:
     finally:
         gate.set()
         server.stop()
+
+
+def test_a_missing_falcon_fails_the_start_not_the_first_visitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "falcon" else real(name, *a))
+    server = StatusServer(lambda: None, "127.0.0.1", 0, logger=logging.getLogger(LOG))
+    with pytest.raises(ImportError, match="falcon"):
+        server.start()
+    server.stop()
+
+
+def test_the_port_is_bound_before_the_app_loads_and_a_stop_before_any_visit_is_clean() -> None:
+    loads: list[int] = []
+    server = StatusServer(lambda: loads.append(1), "127.0.0.1", 0, logger=logging.getLogger(LOG))
+    server.start()
+    taken = socket.socket()
+    try:
+        with pytest.raises(OSError):
+            taken.bind(("127.0.0.1", server.port))
+    finally:
+        taken.close()
+    port = server.port
+    server.stop()
+    assert loads == [] and not server.loaded
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -14,6 +14,7 @@ slow client holds no request thread), so a slow client or scrape never blocks ta
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ipaddress
 import logging
 import select
@@ -54,6 +55,11 @@ class StatusServer:
         """Bind (raises OSError when the address is taken) and serve in a background thread."""
         if self._thread is not None:
             raise RuntimeError("status server already started")
+        # What the first connection will load must be there now: a broken install is a start
+        # error, not a status API that closes on its first visitor.
+        missing = [name for name in ("falcon", "waitress") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ImportError(f"{' and '.join(missing)} not installed")
         self._sockets = _bind(self._host, self._requested_port)
         self._thread = threading.Thread(target=self._run, name="status-http", daemon=True)
         self._thread.start()
@@ -165,9 +171,10 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, addr in infos:
-            if (family, addr[0]) in seen:
+            key = (int(family), str(addr[0]))
+            if key in seen:
                 continue
-            seen.add((family, addr[0]))
+            seen.add(key)
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
