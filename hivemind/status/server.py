@@ -66,7 +66,10 @@ class StatusServer:
         self._log.info("status API listening on http://%s:%d/", self.host, self.port)
 
     def _run(self) -> None:
-        select.select([*self._sockets, self._wake_r], [], [])   # the first connection, or stop()
+        waiting = select.poll()   # not select(): a busy worker's descriptors may pass 1024
+        for sock in (*self._sockets, self._wake_r):
+            waiting.register(sock, select.POLLIN)
+        waiting.poll()   # the first connection, or stop()
         with self._lock:
             if self._stopping.is_set():
                 return
