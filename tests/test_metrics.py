@@ -358,7 +358,9 @@ src = open_metrics("native", library_path=sys.argv[1])
 for _ in range(40000):
     src.snapshot("/", "/")
 before = rss_kib()
-for _ in range(40000):
+# Four times as many as the warm-up: the Go heap breathes by up to ~1.3 MiB around its GC target
+# on a loaded machine (the collector runs late), while a leak grows with every call.
+for _ in range(160000):
     src.snapshot("/", "/")
 print(rss_kib() - before)
 src.close()
@@ -370,7 +372,7 @@ def test_native_snapshots_do_not_leak(library: Path) -> None:
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     grown = int(out.stdout.split()[-1])
-    assert grown < 1024, f"RSS grew {grown} KiB over 40000 snapshots"
+    assert grown < 2048, f"RSS grew {grown} KiB over 160000 snapshots (a leak of 13 bytes a call would pass it)"
     src = open_metrics("native", library_path=str(library))
     src.snapshot("/", "/")
     src.close()
