@@ -432,7 +432,7 @@ class Daemon:
                 self.worker.wait_idle(self.cfg.executor.stop_grace_s + 10)
             # Results still in upload stay on disk and are delivered after the next start.
             deadline = time.monotonic() + 5
-            while self.uploader_pending() and time.monotonic() < deadline:
+            while self.worker.results_owed() and time.monotonic() < deadline:
                 time.sleep(0.1)
         watchdog = getattr(self, "watchdog", None)   # absent when start() failed part-way
         if watchdog is not None:

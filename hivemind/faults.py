@@ -22,6 +22,7 @@ output_streamed           the pool acknowledged a batch of the task's output (of
 task_exited               the executor reported the task's end; nothing packed yet
 result_packed             result.zip is written and fsynced; no "result pending" record yet
 result_pending            "result pending" is committed; container/workspace still there
+result_handoff            the task's last output is sent; its result is about to be queued
 upload_in_flight          the result upload to the pool is about to be sent
 upload_acknowledged       the pool accepted the result; the worker has not recorded it yet
 ========================= ===============================================================
@@ -39,7 +40,8 @@ ENV = "HIVEMIND_FAULTS"
 
 POINTS = frozenset({
     "accepted_before_persist", "archive_persisted", "preparing", "running", "output_streamed",
-    "task_exited", "result_packed", "result_pending", "upload_in_flight", "upload_acknowledged",
+    "task_exited", "result_packed", "result_pending", "result_handoff", "upload_in_flight",
+    "upload_acknowledged",
 })
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ def hit(point: str, task_id: str = "") -> None:
             os.write(2, f"FAULT {point} task={task_id} kill\n".encode())
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.action == "sleep":
+            os.write(2, f"FAULT {point} task={task_id} sleep {f.seconds:g}\n".encode())
             time.sleep(f.seconds)
         else:
             raise FaultInjected(f"fault injected at {point} (task {task_id})")

@@ -327,8 +327,12 @@ class Worker:
                                          "record": res.record})
         not_before = max(rec.accepted_at, answered) + self.cfg.pool.result_min_delay_s
         # The output's rest reaches the pool before the result, however long the pool is away.
-        self.streamer.finish(task_id, then=lambda: self.uploader.submit(
+        self.streamer.finish(task_id, then=lambda: self._queue_result(
             PendingResult(task_id, res.result_zip, not_before)))
+
+    def _queue_result(self, item: PendingResult) -> None:
+        faults.hit("result_handoff", item.task_id)
+        self.uploader.submit(item)
 
     def _result_delivered(self, task_id: str) -> None:
         rec = self.lifecycle.get(task_id)
@@ -404,7 +408,7 @@ class Worker:
             output.close()
             self.streamer.add(output)
             self.streamer.finish(task_id, then=functools.partial(
-                self.uploader.submit, PendingResult(task_id, path, not_before)))
+                self._queue_result, PendingResult(task_id, path, not_before)))
             counts["results_requeued"] += 1
         with self._lock:
             live = set(self._runners)
@@ -520,6 +524,12 @@ class Worker:
     def stop_all(self, reason: str) -> None:
         for r in self.runners():
             r.request_stop(reason)
+
+    def results_owed(self) -> int:
+        """Results packed and not yet acknowledged by the pool, wherever they are on the way
+        (still behind the task's last output, or in the uploader's queue): the store's count,
+        since a result leaves the runner before it reaches the uploader."""
+        return self.store.pending_result_count()
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -40,7 +40,7 @@ from e2e import (
 
 POINTS = ["accepted_before_persist", "archive_persisted", "preparing", "running",
           "output_streamed", "task_exited", "result_packed", "result_pending",
-          "upload_in_flight", "upload_acknowledged"]
+          "result_handoff", "upload_in_flight", "upload_acknowledged"]
 
 LINES = ["start", *[f"line-{i}" for i in range(6)], "end"]
 # The output settles before and after: a kill while an output upload is in flight may resend

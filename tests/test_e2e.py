@@ -17,6 +17,8 @@ import grpc
 import psutil
 import pytest
 
+from hivemind.faults import ENV as FAULTS_ENV
+
 from e2e import (
     GENERATIONS,
     WORKER_HOST,
@@ -375,3 +377,24 @@ def test_sigterm_drains_the_running_task_and_leaves_the_node_not_idle(tmp_path: 
     assert z.read("drained.txt") == b"drained\n"
     node = next(n for n in pool.nodes() if n.node_id == "e2e-node")
     assert node.status != "Idle", "a stopped worker must not be left Idle at the pool"
+
+
+def test_a_drain_waits_for_a_result_still_behind_its_output(tmp_path: Path, pool) -> None:
+    """The runner is done before its result reaches the uploader (the streamer sends the last
+    output first): a drain that looked only at the uploader's queue exited in that window and left
+    the task RUNNING at the pool. The fault point holds the window open for 2 s."""
+    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    w.env = {FAULTS_ENV: "result_handoff@handoff-1=sleep:2"}
+    w.start()
+    try:
+        wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()), 60,
+                 "registration")
+        upload(pool, {"run.sh": "echo begun\nsleep 2\necho made > made.txt\n"}, "handoff-1")
+        wait_for(lambda: (x := pool.task("handoff-1")) and "begun" in x.output, 60, "the task to run")
+        assert w.terminate(timeout=60) == 0, w.log()[-3000:]
+        assert "FAULT result_handoff task=handoff-1 sleep" in w.log()
+    finally:
+        if w.alive():
+            w.kill9()
+    z = result_of(pool, "handoff-1", timeout=1)
+    assert z.read("made.txt") == b"made\n"

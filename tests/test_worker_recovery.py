@@ -83,6 +83,24 @@ class FakeExecutor:
         return []
 
 
+class LastWordExecutor(FakeExecutor):
+    """Prints one more line as it ends, so the task's output has a tail to send after the run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sinks: dict[str, OutputSink] = {}
+
+    def start(self, spec: TaskSpec, sink: OutputSink) -> TaskHandle:
+        self.sinks[spec.task_id] = sink
+        return super().start(spec, sink)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> ExitResult | None:
+        res = super().wait(task_id, timeout)
+        if res is not None:
+            self.sinks[task_id](OutputLine(time.time(), "stdout", "bye", pos=2))
+        return res
+
+
 def archive() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -97,6 +115,8 @@ class Node:
         self.state = state
         self.delivered: list[str] = []
         self.output: list[str] = []
+        self.output_open = threading.Event()   # cleared: the pool takes no output for now
+        self.output_open.set()
         self.workers: list[tuple[Worker, TaskStore]] = []
 
     def worker(self, ex: FakeExecutor) -> Worker:
@@ -110,12 +130,17 @@ class Node:
         w = Worker(cfg, executor=ex, lifecycle=Lifecycle(cap.for_tasks()), store=store, capacity=cap,
                    logger=logging.getLogger("test-recovery"),
                    upload_result=lambda tid, p: self.delivered.append(tid),
-                   upload_output=lambda tid, text: self.output.append(text))
+                   upload_output=self._take_output)
         w.start()
         self.workers.append((w, store))
         return w
 
+    def _take_output(self, task_id: str, text: str) -> None:
+        self.output_open.wait(30)
+        self.output.append(text)
+
     def close(self) -> None:
+        self.output_open.set()
         for w, store in self.workers:
             w.close()
             store.close()
@@ -147,6 +172,23 @@ def test_accepted_not_started_is_started_once_after_the_restart(node: Node) -> N
     b_ex.release["t1"].set()
     wait_for(lambda: node.delivered == ["t1"], 10, "t1's result")
     assert b_ex.started == ["t1"] and a_ex.started == []
+
+
+def test_a_finished_task_owes_its_result_until_the_pool_has_it(node: Node) -> None:
+    """The drain's wait: between the runner's end and the uploader's queue the result waits behind
+    the task's last output, and a drain that asked only the uploader saw nothing owed there."""
+    ex = LastWordExecutor()
+    w = node.worker(ex)
+    assert w.execute(req("t1")).accepted
+    wait_for(lambda: ex.started == ["t1"] and node.output, 10, "t1 started, its first line sent")
+    node.output_open.clear()            # the last output (and so the result) waits for the pool
+    ex.release["t1"].set()
+    assert w.wait_idle(10), "the runner did not end"
+    assert w.running_count() == 0 and w.uploader.pending() == 0
+    assert w.results_owed() == 1, "a result behind its output must count as owed"
+    node.output_open.set()
+    wait_for(lambda: node.delivered == ["t1"], 10, "t1's result")
+    wait_for(lambda: w.results_owed() == 0, 10, "nothing owed once the pool has it")
 
 
 def test_accepted_without_archive_is_forgotten_so_the_retry_is_admitted(node: Node) -> None:

@@ -258,6 +258,9 @@ class TaskStore:
         return [PendingResult(row["task_id"], Path(row["zip_path"]))
                 for row in self._query("SELECT * FROM results ORDER BY marked_at, task_id")]
 
+    def pending_result_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM results")[0]["n"])
+
     def result_acknowledged(self, task_id: str) -> None:
         """The pool has the result: delete the file, then the row."""
         for pending in self._query("SELECT zip_path FROM results WHERE task_id=?", (task_id,)):
