@@ -360,18 +360,27 @@ def test_usage_reaches_the_pool_while_the_task_runs(tmp_path: Path, pool) -> Non
         result_of(pool, "usage-1")
 
 
-def test_sigterm_drains_the_running_task_and_leaves_the_node_not_idle(tmp_path: Path, pool) -> None:
+def _sigterm_mid_task(tmp_path: Path, pool, task_id: str, script: str,
+                      env: dict[str, str] | None = None) -> str:
+    """Start a venv worker, run `script` as `task_id`, SIGTERM the worker once the task has
+    printed "begun"; asserts a clean exit and returns the worker's log."""
     w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
+    w.env = env or {}
     w.start()
     try:
         wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()), 60,
                  "registration")
-        upload(pool, {"run.sh": "echo begun\nsleep 3\necho drained > drained.txt\necho done\n"}, "drain-1")
-        wait_for(lambda: (x := pool.task("drain-1")) and "begun" in x.output, 60, "the task to run")
+        upload(pool, {"run.sh": script}, task_id)
+        wait_for(lambda: (x := pool.task(task_id)) and "begun" in x.output, 60, "the task to run")
         assert w.terminate(timeout=60) == 0, w.log()[-3000:]
+        return w.log()
     finally:
         if w.alive():
             w.kill9()
+
+
+def test_sigterm_drains_the_running_task_and_leaves_the_node_not_idle(tmp_path: Path, pool) -> None:
+    _sigterm_mid_task(tmp_path, pool, "drain-1", "echo begun\nsleep 3\necho drained > drained.txt\necho done\n")
     # The task finished during the drain and its result went out before the worker exited.
     z = result_of(pool, "drain-1", timeout=5)
     assert z.read("drained.txt") == b"drained\n"
@@ -381,20 +390,11 @@ def test_sigterm_drains_the_running_task_and_leaves_the_node_not_idle(tmp_path: 
 
 def test_a_drain_waits_for_a_result_still_behind_its_output(tmp_path: Path, pool) -> None:
     """The runner is done before its result reaches the uploader (the streamer sends the last
-    output first): a drain that looked only at the uploader's queue exited in that window and left
-    the task RUNNING at the pool. The fault point holds the window open for 2 s."""
-    w = write_worker_config(tmp_path, pool.address, VENV, protocol=pool.protocol)
-    w.env = {FAULTS_ENV: "result_handoff@handoff-1=sleep:2"}
-    w.start()
-    try:
-        wait_for(lambda: any(n.node_id == "e2e-node" and n.status == "Idle" for n in pool.nodes()), 60,
-                 "registration")
-        upload(pool, {"run.sh": "echo begun\nsleep 2\necho made > made.txt\n"}, "handoff-1")
-        wait_for(lambda: (x := pool.task("handoff-1")) and "begun" in x.output, 60, "the task to run")
-        assert w.terminate(timeout=60) == 0, w.log()[-3000:]
-        assert "FAULT result_handoff task=handoff-1 sleep" in w.log()
-    finally:
-        if w.alive():
-            w.kill9()
+    output first); the fault point holds that window open for 2 s, and the result must still be at
+    the pool when the worker exits. (The old uploader-only check lost this only by a race that
+    shutdown's final flush usually wins; test_worker_recovery pins the count itself.)"""
+    log = _sigterm_mid_task(tmp_path, pool, "handoff-1", "echo begun\nsleep 2\necho made > made.txt\n",
+                            env={FAULTS_ENV: "result_handoff@handoff-1=sleep:2"})
+    assert "FAULT result_handoff task=handoff-1 sleep" in log
     z = result_of(pool, "handoff-1", timeout=1)
     assert z.read("made.txt") == b"made\n"
