@@ -294,6 +294,7 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
     from hivemind.devpool.testing import free_port
 
     bare = subprocess.Popen([sys.executable, "-c", "import grpc, time; time.sleep(100000)"])
+    floor = subprocess.Popen([sys.executable, "-c", GRPC_FLOOR, str(os.cpu_count() or 2)])
     status_port = free_port()
     try:
         with Setup(PODMAN if podman else VENV, extra={"status": {"enabled": True, "port": status_port}}) as setup:
@@ -304,9 +305,16 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
             t0 = time.monotonic()
             rss: list[float] = []
             brss: list[float] = []
+            frss: list[float] = []
+            split: list[tuple[float, float]] = []
+            fsplit: list[tuple[float, float]] = []
             while time.monotonic() - t0 < seconds:
                 rss.append(proc.memory_info().rss / MIB)
                 brss.append(bproc.memory_info().rss / MIB)
+                split.append(_rss_split(proc.pid))
+                if floor.poll() is None:
+                    fsplit.append(_rss_split(floor.pid))
+                    frss.append(sum(fsplit[-1]))
                 time.sleep(1.0)
             wall = time.monotonic() - t0
             c1, b1 = proc.cpu_times(), bproc.cpu_times()
@@ -322,8 +330,11 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
             time.sleep(2.0)
             after_request = proc.memory_info().rss / MIB
     finally:
-        bare.kill()
-        bare.wait()
+        for p in (bare, floor):
+            p.kill()
+            p.wait()
+    if not frss:
+        raise RuntimeError(f"the gRPC floor process exited with {floor.returncode}")
     cpu = 100.0 * ((c1.user + c1.system) - (c0.user + c0.system)) / wall
     bcpu = 100.0 * ((b1.user + b1.system) - (b0.user + b0.system)) / wall
     log(f"idle: rss {statistics.median(rss):.1f} MiB, cpu {cpu:.3f} % over {wall:.0f} s")
@@ -331,10 +342,47 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
             f"{threads} threads ({kinds}); PSS {full.pss / MIB:.1f} MiB, USS {full.uss / MIB:.1f} MiB at the end "
             f"(RSS counts the shared libraries whole); children (podman service) RSS {children:.1f} MiB, not counted; "
             f"after the status API's first request (Falcon and the app load then) RSS {after_request:.1f} MiB")
+    anon, file = (statistics.median(x) for x in zip(*split, strict=True))
+    fanon, ffile = (statistics.median(x) for x in zip(*fsplit, strict=True))
+    floor_note = (f"anonymous {anon:.1f} MiB, file-backed {file:.1f} (the floor: {fanon:.1f} and {ffile:.1f}); the floor "
+                  "is a process that only serves gRPC and calls itself once over a channel, as the worker's server "
+                  "and pool channel do")
     return [Measurement("idle RSS", "MiB", rss, brss, "python -c 'import grpc; sleep'", "<= 45 MiB", "abs", 45.0,
                         [note]),
+            Measurement("idle RSS beyond a bare gRPC server and client", "MiB", rss, frss,
+                        "gRPC server + channel, one call, idle", "reported (no target)", "delta", 1e9, [floor_note]),
             Measurement("idle CPU", "% of a core", [cpu], [bcpu], "python -c 'import grpc; sleep'", "<= 0.3 %",
                         "abs", 0.3, [note])]
+
+
+# What any Python process pays for what the worker does over gRPC (a server, and a channel to the
+# pool) before a line of the worker's own runs: the floor under the idle figure.
+GRPC_FLOOR = """
+import sys, time
+from concurrent import futures
+import grpc
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(sys.argv[1])))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+try:
+    channel.unary_unary("/floor.Floor/Call")(b"", timeout=30)
+except grpc.RpcError as exc:
+    assert exc.code() == grpc.StatusCode.UNIMPLEMENTED, exc
+time.sleep(100000)
+"""
+
+
+def _rss_split(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MiB: file-backed pages are shared and reclaimable, the
+    anonymous ones are what the process alone holds."""
+    fields: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields.get("RssAnon", 0.0), fields.get("RssFile", 0.0) + fields.get("RssShmem", 0.0)
 
 
 def _thread_kinds(pid: int) -> str:

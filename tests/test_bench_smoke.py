@@ -47,12 +47,16 @@ def test_bench_run_quick_end_to_end(tmp_path: Path) -> None:
     doc = json.loads((out / "results.json").read_text())
     got = {r["name"]: r for r in doc["results"]}
     assert set(got) == {"dispatch latency, cached venv", "idle RSS", "idle CPU",
+                        "idle RSS beyond a bare gRPC server and client",
                         "large result (8 x 2 MiB)", "metrics snapshot"}
     for r in doc["results"]:
         assert r["worker"] and r["baseline"], r
         assert all(v >= 0 for v in r["worker"]), r
     assert "chunked upload used: True" in " ".join(got["large result (8 x 2 MiB)"]["notes"])
     assert got["idle RSS"]["worker_median"] > 10          # a live Python daemon, not a zombie
+    # The floor served and called gRPC: more resident than a bare `import grpc`.
+    floor = got["idle RSS beyond a bare gRPC server and client"]["baseline_median"]
+    assert floor > got["idle RSS"]["baseline_median"]
     assert (out / "results.png").stat().st_size > 0
     assert "dispatch latency, cached venv" in proc.stdout
     # Nothing left behind: no bench state directories, no worker daemons.
