@@ -309,9 +309,9 @@ def idle_footprint(seconds: float, log: Callable[[str], None], *, podman: bool =
             split: list[tuple[float, float]] = []
             fsplit: list[tuple[float, float]] = []
             while time.monotonic() - t0 < seconds:
-                rss.append(proc.memory_info().rss / MIB)
-                brss.append(bproc.memory_info().rss / MIB)
                 split.append(_rss_split(proc.pid))
+                rss.append(sum(split[-1]))   # what psutil's rss is: the same kernel counters
+                brss.append(bproc.memory_info().rss / MIB)
                 if floor.poll() is None:
                     fsplit.append(_rss_split(floor.pid))
                     frss.append(sum(fsplit[-1]))
